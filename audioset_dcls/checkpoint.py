@@ -1,0 +1,143 @@
+"""Self-describing inference checkpoints: one ``.safetensors`` file that needs nothing else.
+
+The weights are stored in training form (DCLS positions and widths kept, so the file can be
+fine-tuned); the JSON description sits in the safetensors header under the key
+``audioset_dcls``::
+
+    {"format": "audioset_dcls.inference/1",
+     "model": {"name": "convnext_tiny_dcls", "num_classes": 527, "kwargs": {}},
+     "features": FeatureConfig.to_dict(),
+     "normalization": {"mean": -18.2696, "std": 30.5735},
+     "labels": [{"index": 0, "mid": "/m/09x0r", "name": "Speech"}, ...],
+     "extra": {... anything else: training config, eval results ...}}
+
+Loading never unpickles: safetensors holds tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .features import FeatureConfig, Normalization
+
+FORMAT = "audioset_dcls.inference/1"
+METADATA_KEY = "audioset_dcls"
+
+__all__ = ["CheckpointInfo", "save_inference_checkpoint", "read_checkpoint_info", "load_checkpoint", "load_model"]
+
+
+@dataclass
+class CheckpointInfo:
+    """Everything a checkpoint says about itself, besides the weights."""
+
+    model_name: str
+    num_classes: int
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    normalization: Normalization = field(default_factory=Normalization)
+    labels: list[dict[str, Any]] = field(default_factory=list)  # [{"index", "mid", "name"}]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [lab["name"] for lab in self.labels]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": {"name": self.model_name, "num_classes": self.num_classes, "kwargs": self.model_kwargs},
+            "features": self.features.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "labels": self.labels,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> "CheckpointInfo":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{source}: not an audioset_dcls inference checkpoint (format {d.get('format')!r})")
+        info = cls(
+            model_name=d["model"]["name"],
+            num_classes=int(d["model"]["num_classes"]),
+            model_kwargs=dict(d["model"].get("kwargs", {})),
+            features=FeatureConfig.from_dict(d["features"]),
+            normalization=Normalization.from_dict(d["normalization"]),
+            labels=list(d.get("labels", [])),
+            extra=dict(d.get("extra", {})),
+        )
+        if info.labels and len(info.labels) != info.num_classes:
+            raise ValueError(f"{source}: {len(info.labels)} label names for {info.num_classes} classes")
+        return info
+
+
+def save_inference_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], info: CheckpointInfo) -> Path:
+    """Write weights + description atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage; DCLS layers of a stage share one positions tensor,
+    # which appears under several keys: store each key's own contiguous copy.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info.to_dict())})
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """Read only the description (cheap: the safetensors header)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise ValueError(
+            f"{path}: not a safetensors file ({err}); convert other checkpoints with "
+            "`python -m audioset_dcls.convert_reference`"
+        ) from None
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{path}: safetensors file without an audioset_dcls description")
+    return CheckpointInfo.from_dict(json.loads(meta[METADATA_KEY]), source=str(path))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Return ``(state_dict, info)`` on the CPU."""
+    from safetensors.torch import load_file
+
+    info = read_checkpoint_info(path)
+    return load_file(str(path), device="cpu"), info
+
+
+def load_model(
+    path: str | Path, *, bake: bool = True, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, CheckpointInfo]:
+    """Build the model a checkpoint describes, load its weights, eval mode.
+
+    With ``bake=True`` DCLS layers become plain depthwise convolutions (same outputs, no kernel
+    construction per forward). Returns ``(model, info)``.
+    """
+    from .models import create_model, to_inference
+
+    state_dict, info = load_checkpoint(path)
+    model = create_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit {info.model_name}: missing {list(missing)[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
+    model.eval()
+    if bake:
+        model = to_inference(model)
+    return model.to(device), info

@@ -1,0 +1,23 @@
+"""Shared test fixtures. Tests run on the CPU with few threads (CI has 2 cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real AudioSet metadata lives outside the project (../shared/audioset_meta); absent on a
+# user's fresh clone, so tests that read it skip.
+SHARED_META = Path(os.environ.get("AUDIOSET_META_DIR", REPO_ROOT.parent / "shared" / "audioset_meta"))
+
+
+@pytest.fixture(scope="session")
+def audioset_meta() -> Path:
+    if not (SHARED_META / "class_labels_indices.csv").is_file():
+        pytest.skip(f"real AudioSet metadata not found at {SHARED_META}")
+    return SHARED_META
