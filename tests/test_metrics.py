@@ -1,0 +1,61 @@
+"""The metrics agree with sklearn (the reference's implementation) on random data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from audioset_dcls.metrics import average_precision, d_prime, roc_auc, tagging_metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ap_and_auc_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n, c = 300, 12
+    targets = (rng.random((n, c)) < rng.uniform(0.02, 0.5, size=c)).astype(np.int64)
+    targets[0] = 1  # every class has a positive
+    targets[1] = 0  # ... and a negative
+    scores = rng.random((n, c)) + 0.5 * targets  # informative but imperfect
+    if seed % 2:  # ties: sklearn groups equal scores into one threshold
+        scores = np.round(scores, 1)
+    m = tagging_metrics(targets, scores)
+    ref_ap = [average_precision_score(targets[:, k], scores[:, k]) for k in range(c)]
+    ref_auc = [roc_auc_score(targets[:, k], scores[:, k]) for k in range(c)]
+    np.testing.assert_allclose(m["per_class_ap"], ref_ap, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m["per_class_auc"], ref_auc, rtol=1e-12, atol=1e-12)
+    assert m["mAP"] == pytest.approx(np.mean(ref_ap), abs=1e-12)
+    assert m["mAUC"] == pytest.approx(np.mean(ref_auc), abs=1e-12)
+    assert m["num_classes_scored"] == c
+
+
+def test_classes_without_positives_are_left_out():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((50, 4)) < 0.3).astype(int)
+    targets[:, 2] = 0
+    targets[0, [0, 1, 3]] = 1
+    scores = rng.random((50, 4))
+    m = tagging_metrics(targets, scores)
+    assert math.isnan(m["per_class_ap"][2]) and math.isnan(m["per_class_auc"][2])
+    assert m["num_classes_scored"] == 3
+    keep = [0, 1, 3]
+    assert m["mAP"] == pytest.approx(np.mean([average_precision_score(targets[:, k], scores[:, k]) for k in keep]))
+
+
+def test_perfect_and_chance_scores():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    assert average_precision(y, y.astype(float)) == 1.0
+    assert roc_auc(y, y.astype(float)) == 1.0
+    # Constant scores: AP = prevalence, AUC = 0.5, d' = 0.
+    assert average_precision(y, np.zeros(6)) == pytest.approx(0.5)
+    assert roc_auc(y, np.zeros(6)) == 0.5
+    assert d_prime(0.5) == 0.0
+
+
+def test_d_prime_formula():
+    from scipy.stats import norm
+
+    for auc in (0.6, 0.9, 0.97):
+        assert d_prime(auc) == pytest.approx(math.sqrt(2) * norm.ppf(auc), rel=1e-12)
