@@ -1,0 +1,239 @@
+"""Command line of the tagger (``python infer.py``): inputs -> Tagger -> table/JSON/JSONL/CSV.
+
+Output goes to stdout (or ``--output``), one record per input as soon as it is tagged, so a
+folder of 10,000 clips streams out; failures go to stderr as ``error: PATH: REASON`` and make the
+exit status 1. The progress bar (stderr) shows when there are several inputs and stderr is a
+terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+FORMATS = ("table", "json", "jsonl", "csv")
+CSV_COLUMNS = ["path", "window", "start", "end", "rank", "index", "mid", "name", "score"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infer.py",
+        description="Tag audio files with an audioset-dcls checkpoint (any format, rate, length).",
+        epilog="Examples:\n"
+               "  python infer.py --checkpoint model.safetensors dog.wav\n"
+               "  python infer.py --checkpoint model.safetensors podcast.mp3 --hop 5 --per-window\n"
+               "  python infer.py --checkpoint model.safetensors clips/ --format csv --output tags.csv\n"
+               "  python infer.py --checkpoint model.safetensors @files.txt --format jsonl --embeddings emb.npy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="audio file, folder (searched recursively by audio extension) or @list.txt "
+                        "(one path per line)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="inference checkpoint (.safetensors)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--output", "-o", type=Path, help="write results to this file instead of stdout")
+    p.add_argument("--top-k", type=int, default=10, help="tags per file (and per window); 0 = all (default: 10)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep only tags with score >= this (applied after --top-k)")
+    p.add_argument("--hop", type=float, default=None,
+                   help="seconds between 10 s windows of long files (default: 10, no overlap)")
+    p.add_argument("--aggregate", choices=("max", "mean"), default="max",
+                   help="clip score from window scores (default: max)")
+    p.add_argument("--per-window", action="store_true", help="also output the tags of every window (tags over time)")
+    p.add_argument("--embeddings", type=Path, metavar="FILE.npy",
+                   help="save the pooled embeddings (files x D, float32) of the tagged files; their "
+                        "paths go to FILE.paths.txt in the same order")
+    p.add_argument("--plot", type=Path, metavar="OUT.png",
+                   help="draw the spectrogram with the top tags over time (needs matplotlib); with several "
+                        "inputs OUT_0001.png, OUT_0002.png, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch ops (torch.set_num_threads; default: PyTorch's own choice)")
+    p.add_argument("--no-bake", action="store_true", help="keep DCLS layers in training form (slower; for checks)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or header on stderr")
+    return p
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(float(seconds), 60.0)
+    h, m = divmod(int(m), 60)
+    return f"{h}:{m:02d}:{s:04.1f}" if h else f"{m}:{s:04.1f}"
+
+
+class _Writer:
+    def __init__(self, stream: IO[str], args: argparse.Namespace, header: dict[str, Any]):
+        self.stream, self.args, self.header = stream, args, header
+
+    def write(self, result: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TableWriter(_Writer):
+    """Readable per-file table; per-window lines show the top 3 tags of each window."""
+
+    def write(self, result: Any) -> None:
+        if not result.ok:
+            return  # failures are reported on stderr
+        a = self.args
+        lines = [f"{result.source}  ({result.duration:.1f} s, {result.num_windows} window"
+                 f"{'s' if result.num_windows != 1 else ''}, {result.aggregate} over windows)"]
+        tags = result.top(a.top_k, a.threshold)
+        width = max([len(t.name) for t in tags] + [4])
+        for rank, t in enumerate(tags, 1):
+            lines.append(f"  {rank:>3}  {t.score:6.3f}  {t.name:<{width}}  {t.mid}")
+        if not tags:
+            lines.append("  (no tag above the threshold)")
+        if a.per_window:
+            lines.append("  tags over time:")
+            for i in range(result.num_windows):
+                wt = result.window_top(i, min(3, a.top_k) if a.top_k > 0 else 3, a.threshold)
+                span = f"{_fmt_time(result.starts[i])}-{_fmt_time(result.ends[i])}"
+                lines.append(f"    {span:>17}  " + (", ".join(f"{t.name} {t.score:.2f}" for t in wt) or "-"))
+        self.stream.write("\n".join(lines) + "\n\n")
+        self.stream.flush()
+
+
+class JsonLinesWriter(_Writer):
+    """One JSON object per input and line: {path, duration, num_windows, aggregate, tags[, windows]}
+    or {path, error}."""
+
+    def write(self, result: Any) -> None:
+        a = self.args
+        self.stream.write(json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window)) + "\n")
+        self.stream.flush()
+
+
+class JsonWriter(_Writer):
+    """One JSON document {checkpoint, model, ..., results: [...]}, written incrementally."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        head = json.dumps(self.header, indent=1)[:-2]  # drop the closing "\n}"
+        self.stream.write(head + ',\n "results": [')
+        self.first = True
+
+    def write(self, result: Any) -> None:
+        a = self.args
+        self.stream.write(("\n  " if self.first else ",\n  ") + json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window)))
+        self.first = False
+
+    def close(self) -> None:
+        self.stream.write("\n ]\n}\n")
+
+
+class CsvWriter(_Writer):
+    """Long format, one row per tag: path, window ("clip" or 0..W-1), start, end, rank, index,
+    mid, name, score. Failed inputs have no rows (they are reported on stderr)."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.csv = csv.writer(self.stream, lineterminator="\n")
+        self.csv.writerow(CSV_COLUMNS)
+
+    def write(self, result: Any) -> None:
+        if not result.ok:
+            return
+        a = self.args
+        for rank, t in enumerate(result.top(a.top_k, a.threshold), 1):
+            self.csv.writerow([result.source, "clip", 0.0, round(result.duration, 4), rank, t.index, t.mid,
+                               t.name, f"{t.score:.6f}"])
+        if a.per_window:
+            for i in range(result.num_windows):
+                for rank, t in enumerate(result.window_top(i, a.top_k, a.threshold), 1):
+                    self.csv.writerow([result.source, i, round(float(result.starts[i]), 4),
+                                       round(float(result.ends[i]), 4), rank, t.index, t.mid, t.name,
+                                       f"{t.score:.6f}"])
+        self.stream.flush()
+
+
+WRITERS = {"table": TableWriter, "json": JsonWriter, "jsonl": JsonLinesWriter, "csv": CsvWriter}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 all tagged, 1 some input failed, 2 bad usage)."""
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or (args.hop is not None and args.hop <= 0):
+        print("error: --batch-size and --threads must be >= 1 and --hop > 0", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    from .tagging import Tagger, expand_inputs, plot_tags
+
+    try:
+        files = expand_inputs(args.inputs)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no audio files found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    try:
+        tagger = Tagger.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
+                                        hop_seconds=args.hop, aggregate=args.aggregate, threads=args.threads,
+                                        bake=not args.no_bake)
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    header = {
+        "checkpoint": str(args.checkpoint),
+        "model": tagger.info.model_name,
+        "num_classes": tagger.info.num_classes,
+        "hop_seconds": tagger.hop_seconds,
+        "window_seconds": tagger.features.clip_seconds,
+        "aggregate": tagger.aggregate,
+    }
+    if not args.quiet:
+        threads = f", {torch.get_num_threads()} CPU threads" if tagger.device.type == "cpu" else ""
+        print(f"{tagger.info.model_name} ({'training form' if args.no_bake else 'baked'}), "
+              f"{tagger.info.num_classes} labels, device {tagger.device}{threads}, batch {tagger.batch_size}, "
+              f"10 s windows every {tagger.hop_seconds:g} s; {len(files)} input(s)", file=sys.stderr)
+
+    failed = 0
+    embeddings: list[np.ndarray] = []
+    embedded_paths: list[str] = []
+    with ExitStack() as stack:
+        stream = stack.enter_context(open(args.output, "w", newline="")) if args.output else sys.stdout
+        writer = WRITERS[args.format](stream, args, header)
+        bar = stack.enter_context(tqdm(total=len(files), unit="file", file=sys.stderr,
+                                       disable=True if args.quiet or len(files) < 2 else None))
+        for n, result in enumerate(tagger.tag_many(files, embeddings=args.embeddings is not None), 1):
+            with tqdm.external_write_mode(file=sys.stderr):
+                if not result.ok:
+                    failed += 1
+                    print(f"error: {result.source}: {result.reason}", file=sys.stderr)
+                writer.write(result)
+                if result.ok and args.plot is not None:
+                    out = args.plot if len(files) == 1 else args.plot.with_name(
+                        f"{args.plot.stem}_{n:04d}{args.plot.suffix or '.png'}")
+                    try:
+                        plot_tags(result, out, k=min(5, args.top_k or 5), features=tagger.features)
+                    except RuntimeError as err:
+                        print(f"error: {err}", file=sys.stderr)
+                        return 2
+            if result.ok and result.embedding is not None:
+                embeddings.append(result.embedding)
+                embedded_paths.append(result.source)
+            bar.update(1)
+        writer.close()
+    if args.embeddings is not None:
+        dim = embeddings[0].shape[0] if embeddings else 0
+        np.save(args.embeddings, np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32))
+        Path(str(args.embeddings.with_suffix("")) + ".paths.txt").write_text(
+            "".join(p + "\n" for p in embedded_paths))
+    if not args.quiet or failed:
+        print(f"tagged {len(files) - failed} of {len(files)} input(s)" + (f"; {failed} failed" if failed else ""),
+              file=sys.stderr)
+    return 1 if failed else 0
