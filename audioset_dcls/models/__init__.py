@@ -11,7 +11,7 @@ API (stable)::
 
 from __future__ import annotations
 
-from . import convnext  # noqa: F401  (registers the variants)
+from . import convformer, convnext, fastvit  # noqa: F401  (register the variants)
 from .dcls import DclsConv2d, build_gauss_kernel
 from .registry import create_model, is_model, list_models, register_model
 from .surgery import (

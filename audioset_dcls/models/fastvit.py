@@ -1,0 +1,112 @@
+"""FastViT for audio (Vasu et al., "FastViT: A Fast Hybrid Vision Transformer using Structural
+Reparameterization", ICCV 2023), with the DCLS variant of Khalfaoui-Hassani et al. ("Audio
+classification with Dilated Convolution with Learnable Spacings", 2023).
+
+Built on timm's FastVit, which computes what the reference (DCLS-Audio ``models/fastvit.py``, from
+apple/ml-fastvit) computes: MobileOne/RepMixer branches with BatchNorm (eps 1e-5), layer scales
+(C, 1, 1), ConvFFN with a bias-free 7x7 depthwise conv + BN, RepCPE with bias, no activation after
+the large-kernel downsampling conv, final MobileOne conv with SE then avg pool -> Linear.
+Differences handled here:
+
+- stem: the whole MobileOne stem (3 blocks) is replaced by the (2, 16) patch conv *without* bias,
+  as in the reference;
+- the model runs channels_last (weights, and the stem converts its input);
+- it is never reparameterised: the reference trains and evaluates the multi-branch form, and
+  reparameterising the RepCPE would read a DCLS layer as a 7x7 kernel. Every module's
+  ``reparameterize`` raises instead (timm's ``reparameterize_model`` included).
+
+Parameter counts equal the reference's exactly (21,064,015 / 21,016,655 for SA24, 527 classes).
+The DCLS variant replaces the 24 ConvFFN depthwise convs and the RepCPE conv (25); the RepCPE
+(with its bias) shares positions with the blocks of stage 4, as in the reference.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models.fastvit import checkpoint_filter_fn
+from torch import nn
+
+from .registry import register_model
+from .surgery import PATCH_STEM_KERNEL, find_depthwise_convs, load_timm_checkpoint, replace_depthwise_with_dcls
+
+__all__ = ["create_fastvit", "ChannelsLastPatchStem"]
+
+
+class ChannelsLastPatchStem(nn.Conv2d):
+    """The (2, 16) patch conv that also moves its input to channels_last, so the whole network
+    runs channels_last: (B, 1, 128, T) -> (B, C0, 64, T // 16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
+
+
+class RefuseReparameterize:
+    """Stands in for ``module.reparameterize`` on our FastViT models (picklable, deep-copyable)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{self.path or 'model'}: audioset_dcls FastViT models are never reparameterised (the reference "
+            "trains and evaluates the multi-branch form; a DCLS RepCPE cannot be folded); use "
+            "audioset_dcls.models.to_inference() to bake the DCLS layers instead"
+        )
+
+
+def guard_against_reparameterize(model: nn.Module) -> int:
+    """Make every ``reparameterize`` method of ``model``'s modules raise. Returns how many."""
+    count = 0
+    for path, module in model.named_modules():
+        if callable(getattr(module, "reparameterize", None)):
+            module.reparameterize = RefuseReparameterize(path)
+            count += 1
+    return count
+
+
+def create_fastvit(
+    timm_name: str,
+    *,
+    dcls: bool,
+    num_classes: int = 527,
+    drop_path_rate: float = 0.0,
+    pretrained_path: str | None = None,
+    layer_scale_init_value: float = 1e-5,
+    kernel_count: int = 26,
+    dilated_kernel_size: int = 23,
+    **kwargs,
+) -> nn.Module:
+    """The timm FastViT ``timm_name`` with the patch stem, channels_last, reparameterisation
+    disabled, and DCLS in place of every 7x7 depthwise conv if ``dcls``:
+    (B, 1, 128, T) -> (B, num_classes).
+
+    ``pretrained_path``: a local timm (or original apple) ImageNet checkpoint of ``timm_name``
+    (multi-branch, not reparameterised); the stem and the classifier are not used.
+    """
+    model = timm.create_model(
+        timm_name, pretrained=False, in_chans=1, num_classes=num_classes, drop_path_rate=drop_path_rate,
+        layer_scale_init_value=layer_scale_init_value, **kwargs,
+    )
+    if pretrained_path is not None:
+        load_timm_checkpoint(model, pretrained_path, filter_fn=checkpoint_filter_fn)
+    c0 = model.stages[0].blocks[0].mlp.fc2.out_channels
+    stem = ChannelsLastPatchStem(1, c0, PATCH_STEM_KERNEL, stride=PATCH_STEM_KERNEL, bias=False)
+    nn.init.trunc_normal_(stem.weight, std=0.02)
+    model.stem = stem
+    if dcls:
+        replace_depthwise_with_dcls(model, find_depthwise_convs(model, 7), kernel_count, dilated_kernel_size)
+    guard_against_reparameterize(model)
+    return model.to(memory_format=torch.channels_last)
+
+
+@register_model
+def fastvit_sa24(**kwargs) -> nn.Module:
+    """FastViT-SA24 baseline of the paper (7x7 depthwise ConvFFN and RepCPE)."""
+    return create_fastvit("fastvit_sa24", dcls=False, **kwargs)
+
+
+@register_model
+def fastvit_sa24_dcls(**kwargs) -> nn.Module:
+    """FastViT-SA24 with DCLS-Gauss (24 ConvFFN convs + the RepCPE conv = 25)."""
+    return create_fastvit("fastvit_sa24", dcls=True, **kwargs)
