@@ -29,8 +29,10 @@ __all__ = [
     "AudioDecodeError",
     "decode_audio",
     "load_audio",
+    "to_mono_resampled",
     "pad_or_trim",
     "mel_filterbank",
+    "mel_bands",
     "LogMel",
     "compute_logmel",
     "logmel_from_file",
@@ -151,7 +153,14 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
 def to_mono_resampled(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
     """Downmix (N, C) or (N,) samples to mono and resample to ``sample_rate`` with soxr (HQ)."""
     if data.ndim == 2:
-        data = data.mean(axis=1, dtype=np.float32)
+        # Adding the channel columns is ~30x faster than ``data.mean(axis=1)`` on (N, 2) data
+        # (numpy reduces a short trailing axis slowly) and gives the same values for stereo.
+        mono = data[:, 0].astype(np.float32, copy=True)
+        for c in range(1, data.shape[1]):
+            mono += data[:, c]
+        if data.shape[1] > 1:
+            mono /= np.float32(data.shape[1])
+        data = mono
     data = np.ascontiguousarray(data, dtype=np.float32)
     if sr != sample_rate:
         data = soxr.resample(data, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
@@ -196,10 +205,28 @@ def mel_filterbank(cfg: FeatureConfig) -> torch.Tensor:
     )
 
 
+def mel_bands(fb: torch.Tensor, rows_per_band: int = 8) -> list[tuple[int, int, int, int]]:
+    """Split a filterbank (n_mels, F) into row bands and the frequency-bin span each one touches.
+
+    Returns ``[(row_start, row_stop, bin_start, bin_stop), ...]`` covering every row. A mel
+    filter is non-zero only over a few bins, so multiplying each band of 8 rows by its own bin
+    span does ~7% of the dense product's work with exactly the same non-zero terms.
+    """
+    nonzero = (fb != 0).cpu()
+    bands = []
+    for r0 in range(0, fb.shape[0], rows_per_band):
+        r1 = min(fb.shape[0], r0 + rows_per_band)
+        cols = nonzero[r0:r1].any(dim=0).nonzero().flatten()
+        c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+        bands.append((r0, r1, c0, c1))
+    return bands
+
+
 class LogMel(torch.nn.Module):
     """Waveform (B, N) or (N,) at cfg.sample_rate -> log-mel in dB, (B, n_mels, T) or (n_mels, T).
 
-    T = 1 + N // hop. Works on any device; the filterbank and window are buffers.
+    T = 1 + N // hop. Works on any device; the filterbank and window are buffers. The mel
+    product skips the filterbank's zeros (see ``mel_bands``); the result equals ``fb @ power``.
     """
 
     def __init__(self, cfg: FeatureConfig = FeatureConfig()):
@@ -207,6 +234,11 @@ class LogMel(torch.nn.Module):
         self.cfg = cfg
         self.register_buffer("window", torch.hann_window(cfg.win_length, periodic=True), persistent=False)
         self.register_buffer("fb", mel_filterbank(cfg), persistent=False)
+        self.bands = mel_bands(self.fb)
+        spans = [(c0, c1) for _, _, c0, c1 in self.bands if c1 > c0]
+        # Only bins some filter uses get a power value (bins 2..447 of 513 by default).
+        self.bin_lo = min((c0 for c0, _ in spans), default=0)
+        self.bin_hi = max((c1 for _, c1 in spans), default=0)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -220,8 +252,15 @@ class LogMel(torch.nn.Module):
             pad_mode="reflect",
             return_complex=True,
         )
-        power = spec.real.square() + spec.imag.square()  # (..., F, T)
-        mel = torch.matmul(self.fb, power)  # (..., n_mels, T)
+        lo = self.bin_lo
+        spec = spec[..., lo : self.bin_hi, :]
+        power = spec.real.square() + spec.imag.square()  # (..., F_used, T)
+        mel = torch.cat(
+            [torch.matmul(self.fb[r0:r1, c0:c1], power[..., c0 - lo : c1 - lo, :]) if c1 > c0
+             else power.new_zeros(power.shape[:-2] + (r1 - r0, power.shape[-1]))
+             for r0, r1, c0, c1 in self.bands],
+            dim=-2,
+        )  # (..., n_mels, T)
         return 10.0 * torch.log10(mel.clamp_min(cfg.amin))
 
 
