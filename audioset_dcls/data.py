@@ -1,0 +1,353 @@
+"""WebDataset loaders for training and evaluation, as flat lists of named stages (open_clip order).
+
+Training (one loader per epoch, so the epoch is part of every seed and a resumed run rebuilds
+exactly the stream it left)::
+
+    resampled shards  -- seeded by (seed, epoch, rank, worker): every rank and worker draws its
+                         own shard sequence, which is what split_by_node / split_by_worker do
+                         for a finite list (open_clip does the same for resampled shards)
+    tar -> samples    -- corrupt tars and members are logged and counted, not fatal
+    shuffle           -- buffer, seeded by (seed, epoch, rank, worker)
+    balance           -- optional class-balanced rejection sampling (off by default)
+    decode            -- shards.decode_sample, shape check, normalise, multi-hot targets
+    batch             -- (B, 1, n_mels, T) float32, (B, num_classes) float32, keys
+    epoch slice       -- a fixed number of batches per worker (open_clip's with_epoch), minus
+                         the batches a resumed run has already trained on
+    WebLoader
+
+Evaluation: the ordered shard list is split by node (shard i goes to rank i % world) and by
+worker, never resampled or padded, so every clip is seen exactly once over all ranks and
+workers; the loop gathers (key, scores, targets) and checks there are no duplicates.
+
+Batches stay on the CPU; the training loop moves them to its device. They are never passed to
+``accelerator.prepare``, which would re-split (or dispatch from rank 0) a stream that is
+already split by node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .config import DataConfig
+from .features import FeatureConfig, Normalization
+from .shards import META_EXT, decode_sample, list_shards, read_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ShardSet",
+    "DataError",
+    "open_shard_set",
+    "resolve_normalization",
+    "train_batches_per_rank",
+    "build_train_loader",
+    "build_eval_loader",
+    "move_batch",
+]
+
+
+class DataError(RuntimeError):
+    """Shard paths are missing or empty; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard directory as the loaders need it (read from its manifest.json)."""
+
+    root: Path
+    urls: tuple[str, ...]
+    num_samples: int
+    features: FeatureConfig
+    labels: tuple[dict, ...]  # [{"index", "mid", "name"}]
+    manifest: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+def _manifest_labels(manifest: dict) -> list[dict]:
+    labels = manifest.get("labels") or []
+    out = []
+    for i, lab in enumerate(labels):
+        if isinstance(lab, str):
+            lab = {"index": i, "mid": "", "name": lab}
+        out.append({"index": int(lab.get("index", i)), "mid": lab.get("mid", ""),
+                    "name": lab.get("name", lab.get("display_name", ""))})
+    return out
+
+
+def _manifest_count(shard: dict) -> int:
+    for k in ("count", "num_samples", "samples"):
+        if k in shard:
+            return int(shard[k])
+    raise DataError(f"manifest shard entry without a sample count: {shard}")
+
+
+def open_shard_set(path: str | Path, what: str) -> ShardSet:
+    """Read and check a shard directory. ``what`` names it in errors (e.g. ``data.train``)."""
+    if not str(path):
+        raise DataError(f"{what} is not set: give the shard directory, e.g. {what}=/data/shards/{what.split('.')[-1]}")
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{what}={root}: no such directory (build shards with `python -m preprocessing.build_shards`)")
+    try:
+        manifest = read_manifest(root)
+        paths = list_shards(root)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{what}={root}: {err}") from None
+    counts = [_manifest_count(s) for s in manifest["shards"]]
+    if not paths or sum(counts) == 0:
+        raise DataError(f"{what}={root}: the manifest lists no samples (all clips skipped?)")
+    labels = _manifest_labels(manifest)
+    if not labels:
+        raise DataError(f"{what}={root}: the manifest has no label list")
+    features = FeatureConfig.from_dict(manifest["features"]) if "features" in manifest else FeatureConfig()
+    return ShardSet(root=root, urls=tuple(str(p) for p in paths), num_samples=sum(counts), features=features,
+                    labels=tuple(labels), manifest=manifest)
+
+
+def _manifest_stats(manifest: dict) -> tuple[float, float] | None:
+    for key in ("normalization", "stats", "feature_stats"):
+        d = manifest.get(key)
+        if isinstance(d, dict) and "mean" in d and "std" in d:
+            return float(d["mean"]), float(d["std"])
+    if "mean" in manifest and "std" in manifest:
+        return float(manifest["mean"]), float(manifest["std"])
+    return None
+
+
+def resolve_normalization(cfg: DataConfig, train: ShardSet | None) -> Normalization:
+    """Explicit data.norm_mean/std, else the train manifest's stats ("manifest"), else the
+    reference's -18.2696 / 30.5735."""
+    if cfg.norm_mean is not None:
+        return Normalization(mean=float(cfg.norm_mean), std=float(cfg.norm_std))
+    if cfg.normalization == "manifest":
+        stats = _manifest_stats(train.manifest) if train is not None else None
+        if stats is None:
+            raise DataError("data.normalization=manifest but the train manifest has no feature mean/std")
+        return Normalization(mean=stats[0], std=stats[1])
+    return Normalization()
+
+
+# ----------------------------------------------------------------------------------- stages
+
+
+class CorruptCounter:
+    """Handler for WebDataset stages: log the error, count it, keep going.
+
+    Each loader worker holds its own copy; its running count travels with every batch
+    (``batch["corrupt"]``) so the main process can report a total.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("skipping corrupt sample (%d so far in this worker): %s", self.count, exn)
+        return True
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _seed(*parts: int) -> int:
+    # Python's hash of a tuple of ints is stable across processes (no string hashing).
+    return hash(tuple(int(p) for p in parts)) & 0x7FFFFFFFFFFFFFFF
+
+
+class ResampledShardList(torch.utils.data.IterableDataset):
+    """Infinite stream of ``{"url": ...}`` drawn with replacement, seeded by (seed, epoch, rank, worker)."""
+
+    def __init__(self, urls: tuple[str, ...], seed: int, epoch: int, rank: int):
+        super().__init__()
+        self.urls, self.seed, self.epoch, self.rank = urls, seed, epoch, rank
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, _ = _worker()
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 1))
+        while True:
+            yield {"url": self.urls[rng.randrange(len(self.urls))]}
+
+
+def _shuffle_stage(bufsize: int, initial: int, seed: int, epoch: int, rank: int):
+    def stage(src):
+        worker, _ = _worker()
+        rng = random.Random(_seed(seed, epoch, rank, worker, 2))
+        return wds.filters._shuffle(src, bufsize, initial, rng)
+
+    return stage
+
+
+def _balance_stage(weights: np.ndarray, power: float, seed: int, epoch: int, rank: int):
+    """Rejection sampling: keep a clip with probability max_l(w_l) / max(w) where
+    w_l = (1 / freq_l) ** power over its labels. Reads only the JSON member (cheap)."""
+    w = np.power(weights, power)
+    w = w / w.max()
+
+    def stage(src):
+        worker, _ = _worker()
+        rng = random.Random(_seed(seed, epoch, rank, worker, 3))
+        for sample in src:
+            try:
+                labels = json.loads(sample[META_EXT])["labels"]
+                accept = float(w[labels].max()) if labels else float(w.min())
+            except Exception:  # malformed: let decode log and count it
+                accept = 1.0
+            if rng.random() < accept:
+                yield sample
+
+    return stage
+
+
+def _decode_stage(features: FeatureConfig, norm: Normalization, num_classes: int, counter: CorruptCounter):
+    expected = (features.n_mels, features.num_frames)
+
+    def stage(src):
+        for raw in src:
+            try:
+                s = decode_sample(raw)
+                if s.logmel.shape != expected:
+                    raise ValueError(f"sample {s.key}: log-mel {s.logmel.shape}, expected {expected}")
+                if any(not 0 <= i < num_classes for i in s.labels):
+                    raise ValueError(f"sample {s.key}: label index out of range in {s.labels}")
+            except ValueError as err:
+                counter(err)
+                continue
+            x = norm.apply(torch.from_numpy(s.logmel.astype(np.float32)))[None]  # (1, M, T)
+            y = torch.zeros(num_classes, dtype=torch.float32)
+            y[s.labels] = 1.0
+            yield {"key": s.key, "x": x, "y": y}
+
+    return stage
+
+
+def _batch_stage(batch_size: int, partial: bool, counter: CorruptCounter):
+    def collate(samples: list[dict]) -> dict:
+        worker, _ = _worker()
+        return {
+            "x": torch.stack([s["x"] for s in samples]),
+            "y": torch.stack([s["y"] for s in samples]),
+            "keys": [s["key"] for s in samples],
+            "worker": worker,
+            "corrupt": counter.count,
+        }
+
+    return wds.batched(batch_size, collation_fn=collate, partial=partial)
+
+
+def _epoch_slice_stage(batches_per_worker: int, skip_per_worker: int):
+    def stage(src):
+        return islice(src, skip_per_worker, batches_per_worker)
+
+    return stage
+
+
+# ---------------------------------------------------------------------------------- loaders
+
+
+def train_batches_per_rank(samples_per_epoch: int, batch_size: int, world_size: int, num_workers: int, accum: int) -> int:
+    """Batches each rank trains on per epoch: at least ``samples_per_epoch`` over all ranks,
+    equal for every loader worker, and a whole number of optimizer steps (a multiple of ``accum``)."""
+    workers = max(1, num_workers)
+    per_worker = math.ceil(samples_per_epoch / (world_size * batch_size * workers))
+    step = accum // math.gcd(workers, accum)  # per_worker * workers must be a multiple of accum
+    per_worker = max(step, math.ceil(per_worker / step) * step)
+    return per_worker * workers
+
+
+def _label_frequencies(shards: ShardSet) -> np.ndarray:
+    m = shards.manifest
+    counts = m.get("label_counts") or m.get("class_counts")
+    if counts is None:
+        raise DataError(f"data.class_balanced needs per-class label counts in {shards.root}/manifest.json")
+    if isinstance(counts, dict):
+        arr = np.zeros(shards.num_classes)
+        for k, v in counts.items():
+            arr[int(k)] = v
+        counts = arr
+    return np.asarray(counts, dtype=np.float64)
+
+
+def build_train_loader(
+    shards: ShardSet, cfg: DataConfig, norm: Normalization, *, epoch: int, seed: int, rank: int, world_size: int,
+    accum: int, skip_batches: int = 0,
+) -> tuple[Iterator[dict], int]:
+    """Training batches of one epoch for this rank.
+
+    Each batch is ``{"x": (B, 1, n_mels, T) float32, "y": (B, num_classes) float32, "keys": [B str],
+    "worker": int, "corrupt": int}``.
+
+    ``skip_batches``: batches of this epoch this rank already trained on (resume). The stream is
+    replayed from the epoch start and the first ``skip_batches`` batches dropped, so the rest is
+    exactly what an uninterrupted run would see (the skipped batches are decoded, not trained on).
+
+    Returns ``(iterator, batches_per_rank)``, where batches_per_rank counts the whole epoch.
+    """
+    samples = cfg.samples_per_epoch or shards.num_samples
+    workers = cfg.num_workers
+    per_rank = train_batches_per_rank(samples, cfg.batch_size, world_size, workers, accum)
+    w = max(1, workers)
+    counter = CorruptCounter()
+    stages: list[Any] = [
+        ResampledShardList(shards.urls, seed, epoch, rank),
+        wds.tarfile_to_samples(handler=counter),
+        _shuffle_stage(cfg.shuffle_buffer, cfg.shuffle_initial, seed, epoch, rank),
+    ]
+    if cfg.class_balanced:
+        freq = _label_frequencies(shards)
+        stages.append(_balance_stage(1.0 / np.maximum(freq, 1.0), cfg.balance_power, seed, epoch, rank))
+    stages += [
+        _decode_stage(shards.features, norm, shards.num_classes, counter),
+        _batch_stage(cfg.batch_size, partial=False, counter=counter),
+        # The DataLoader takes batches from workers round-robin (worker i % w gives batch i):
+        # every worker drops skip // w of its own, the main process the first skip % w.
+        _epoch_slice_stage(per_rank // w, skip_batches // w),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    it = iter(loader)
+    for _ in range(skip_batches % w):
+        next(it)
+    return it, per_rank
+
+
+def build_eval_loader(shards: ShardSet, batch_size: int, num_workers: int, norm: Normalization, *, rank: int,
+                      world_size: int) -> wds.WebLoader:
+    """Ordered evaluation batches for this rank (same dict as training, last batch partial).
+
+    Shard i goes to rank i % world_size and, within a rank, to one loader worker: every clip
+    is seen exactly once over all ranks and workers. A rank may get no shard at all.
+    """
+    my_urls = list(shards.urls[rank::world_size])
+    workers = min(num_workers, len(my_urls))
+    counter = CorruptCounter()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(my_urls) if my_urls else [],
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=counter),
+        _decode_stage(shards.features, norm, shards.num_classes, counter),
+        _batch_stage(batch_size, partial=True, counter=counter),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                         pin_memory=torch.cuda.is_available())
+
+
+def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (B, 1, n_mels, T), y (B, num_classes)) on ``device``."""
+    return batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)

@@ -1,0 +1,84 @@
+"""Shard sets for the training tests, built once per test session and reused (cached on disk
+under pytest's base temp dir, so every test module of a session shares them).
+
+``mini_shards``: the synthetic mini AudioSet (audioset_dcls.synthetic) through the real shard
+builder (``python -m preprocessing.build_shards``) when it is installed, with a 2 s clip (201
+frames) so the multi-process tests stay fast; the FeatureConfig travels in the manifest.
+Without the builder, shards of the same synthetic sounds are written directly with
+``shards.encode_sample`` + ``webdataset.TarWriter``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from audioset_dcls.features import FeatureConfig, compute_logmel
+from audioset_dcls.shards import MANIFEST_FORMAT, encode_sample, hash_ids, sha256_file
+from audioset_dcls.synthetic import CLASSES, make_mini_audioset, synthesize_clip
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def have_builder() -> bool:
+    return importlib.util.find_spec("preprocessing.build_shards") is not None
+
+
+def write_direct_shards(out: Path, split: str, num: int, seed: int, features: FeatureConfig,
+                        per_shard: int = 16) -> Path:
+    """Synthetic clips -> log-mel -> tars + sizes.json + manifest.json, without the builder."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards, keys = [], []
+    for start in range(0, num, per_shard):
+        name = f"{split}-{len(shards):06d}.tar"
+        with wds.TarWriter(str(out / name)) as w:
+            n = min(per_shard, num - start)
+            for i in range(start, start + n):
+                k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+                labels = sorted(int(c) for c in rng.choice(len(CLASSES), size=k, replace=False))
+                wave = synthesize_clip(labels, features.clip_seconds, features.sample_rate, rng)
+                key = f"clip{seed:03d}x{i:05d}_0"
+                w.write(encode_sample(key, compute_logmel(wave, features), labels,
+                                      {"ytid": key[:-2], "start": 0.0, "end": 10.0}))
+                keys.append(key)
+        shards.append({"name": name, "count": n, "sha256": sha256_file(out / name)})
+    manifest = {
+        "format": MANIFEST_FORMAT, "split": split, "features": features.to_dict(),
+        "labels": [{"index": i, "mid": m, "name": nm} for i, (m, nm) in enumerate(CLASSES)],
+        "shards": shards, "clip_ids_sha256": hash_ids(keys), "skipped": [],
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (out / "sizes.json").write_text(json.dumps({s["name"]: s["count"] for s in shards}))
+    return out
+
+
+def build_shards(root: Path, num_train: int, num_eval: int, clip_seconds: float, seed: int = 0,
+                 per_shard: int = 16) -> tuple[Path, Path]:
+    """(train shard dir, eval shard dir) under ``root`` (reused if already complete)."""
+    train_dir, eval_dir = root / "shards" / "train", root / "shards" / "eval"
+    if (root / "DONE").is_file():
+        return train_dir, eval_dir
+    features = FeatureConfig(clip_seconds=clip_seconds)
+    if have_builder():
+        ds = make_mini_audioset(root / "audioset", num_train=num_train, num_eval=num_eval, seed=seed, broken=True)
+        feat_json = root / "features.json"
+        feat_json.write_text(json.dumps(features.to_dict()))
+        for split, out in (("train", train_dir), ("eval", eval_dir)):
+            cmd = [sys.executable, "-m", "preprocessing.build_shards", "--segments", str(ds.segments[split]),
+                   "--labels", str(ds.labels_csv), "--audio-dir", str(ds.audio_dir), "--out", str(out),
+                   "--split", split, "--workers", "1", "--shard-size", str(per_shard),
+                   "--clip-seconds", str(clip_seconds)]
+            subprocess.run(cmd, check=True, cwd=REPO_ROOT, capture_output=True)
+    else:
+        write_direct_shards(train_dir, "train", num_train, seed, features, per_shard)
+        write_direct_shards(eval_dir, "eval", num_eval, seed + 1, features, per_shard)
+    (root / "DONE").write_text("ok")
+    return train_dir, eval_dir
