@@ -62,6 +62,14 @@ def test_logmel_matches_librosa_on_a_tone(floor):
     assert ours.max() == pytest.approx(ref.max(), abs=1e-3)
 
 
+@pytest.mark.parametrize("sr, n_fft, n_mels, f_min, f_max",
+                         [(32000, 1024, 128, 50.0, 14000.0), (16000, 512, 64, 0.0, 8000.0)])
+def test_filterbank_is_librosa_htk_without_norm(sr, n_fft, n_mels, f_min, f_max):
+    cfg = FeatureConfig(sample_rate=sr, n_fft=n_fft, win_length=n_fft, n_mels=n_mels, f_min=f_min, f_max=f_max)
+    ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max, htk=True, norm=None)
+    np.testing.assert_array_equal(features.mel_filterbank(cfg).numpy(), ref)
+
+
 def test_banded_mel_product_equals_dense_product():
     lm = LogMel(CFG)
     wave = torch.from_numpy(_noise(3.0))
