@@ -299,23 +299,25 @@ def read_segment_files(
 # Finding the audio file of a segment
 
 
-def _time_texts(seconds: float) -> list[str]:
-    """Ways a downloader writes a time in a file name: 30, 30.0, 30.000, 30000 (ms)."""
-    texts = [f"{seconds:.3f}", f"{seconds:.1f}", str(int(round(seconds * 1000)))]
-    if float(seconds).is_integer():
-        texts.insert(0, str(int(seconds)))
-    return list(dict.fromkeys(texts))
+_TIME_STYLES = (
+    lambda t: str(int(t)) if float(t).is_integer() else None,  # 30
+    lambda t: f"{t:.3f}",  # 30.000
+    lambda t: f"{t:.1f}",  # 30.0
+    lambda t: str(int(round(t * 1000))),  # 30000 (ms)
+)
 
 
 def candidate_stems(seg: Segment) -> list[str]:
     """File-name stems (no extension) that may hold ``seg``, most specific first."""
-    starts, ends = _time_texts(seg.start), _time_texts(seg.end)
     stems = []
     for prefix in ("", "Y"):
         base = prefix + seg.ytid
-        # A start and an end written the same way: 30_40, 30.000_40.000, 30000_40000.
-        stems += [f"{base}_{s}_{e}" for s, e in zip(starts, ends)]
-        stems += [f"{base}_{s}" for s in starts]
+        # A start and an end written the same way: 30_40, 30.000_40.000, 30.0_40.0, 30000_40000.
+        for style in _TIME_STYLES:
+            s, e = style(seg.start), style(seg.end)
+            if s is not None and e is not None:
+                stems.append(f"{base}_{s}_{e}")
+        stems += [f"{base}_{s}" for s in (style(seg.start) for style in _TIME_STYLES) if s is not None]
     stems += [seg.ytid, "Y" + seg.ytid]
     return list(dict.fromkeys(stems))
 

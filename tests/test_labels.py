@@ -160,6 +160,8 @@ def test_audio_index_finds_common_layouts(tmp_path):
         "x/Ybbbbbbbbbbb_30000_40000.m4a": Segment("bbbbbbbbbbb", 30.0, 40.0, ()),
         "Yccccccccccc_30.500_40.500.MP3": Segment("ccccccccccc", 30.5, 40.5, ()),
         "ddddddddddd_7_17.opus": Segment("ddddddddddd", 7.0, 17.0, ()),
+        "fffffffffff_0_10000.m4a": Segment("fffffffffff", 0.0, 10.0, ()),
+        "ggggggggggg_0.000.wav": Segment("ggggggggggg", 0.0, 10.0, ()),
     }
     for name in layouts:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
