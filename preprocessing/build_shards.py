@@ -54,6 +54,7 @@ import tarfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -281,9 +282,9 @@ def process_clip(task: ClipTask, cfg: FeatureConfig) -> ClipResult:
         return ClipResult("empty", task.path, f"{path}: empty file (0 bytes)")
     try:
         data, sr = features.decode_audio(path)
-        if not data.any():
-            return ClipResult("silent", task.path, f"{path}: every sample is zero")
         wave = features.to_mono_resampled(data, sr, cfg.sample_rate)
+        if not wave.any():
+            return ClipResult("silent", task.path, f"{path}: every sample is zero")
         duration = wave.shape[0] / cfg.sample_rate
         # torch's float16 cast is ~30x faster than numpy's
         logmel = torch.from_numpy(features.compute_logmel(wave, cfg)).half()  # (n_mels, T)
@@ -293,12 +294,12 @@ def process_clip(task: ClipTask, cfg: FeatureConfig) -> ClipResult:
     except Exception as err:  # a bad clip must never stop the run
         text = " ".join(str(err).split()) or type(err).__name__
         return ClipResult("unreadable", task.path, f"{path}: {type(err).__name__}: {text}")
-    values = logmel.double()
+    values = logmel.double().view(-1)
     meta = {"ytid": task.ytid, "start": task.start, "end": task.end, "source": str(path),
             "duration": round(duration, 6)}
     return ClipResult(
         "ok", task.path, sample=encode_sample(task.key, logmel.numpy(), task.labels, meta),
-        duration=duration, value_sum=float(values.sum()), value_sum_sq=float(values.square().sum()),
+        duration=duration, value_sum=float(values.sum()), value_sum_sq=float(torch.dot(values, values)),
         num_values=values.numel(),
     )
 
@@ -351,7 +352,13 @@ def _run_tasks(tasks: Iterable[ClipTask], opts: BuildOptions) -> Iterator[ClipRe
         pending = deque(pool.submit(_process_batch, b) for b in _take(batches, window))
         try:
             while pending:
-                results = pending.popleft().result()
+                try:
+                    results = pending.popleft().result()
+                except BrokenProcessPool:
+                    raise BuildError(
+                        "a worker process died (out of memory, or a decoder crashed on a file); "
+                        "finished shards are kept: re-run the same command to resume"
+                    ) from None
                 for b in _take(batches, 1):
                     pending.append(pool.submit(_process_batch, b))
                 yield from results

@@ -1,0 +1,173 @@
+"""Preprocessing speed: our shard builder vs a naive librosa pipeline, per stage and per worker.
+
+    python -m benchmarks.preprocess --clips 120     (from the repository root)
+
+Writes ``--clips`` 10 s 44.1 kHz stereo FLAC files (noise + tones), then measures on the same
+files, one thread per process (page cache warm):
+
+- per stage, in this process: decode (``features.decode_audio``, the same call as a bare
+  ``soundfile.read``), downmix + soxr resample, log-mel, write (float16 + ``encode_sample`` + tar);
+- naive: ``librosa.load(sr=32000)`` + ``librosa.feature.melspectrogram`` + ``power_to_db``;
+- the builder (``build_shards``: workers, IPC, tar writing, sha256) with 1 and 2 workers, per
+  clip once the pool runs (difference of a k-clip and an n-clip build) and end to end.
+
+Prints ms per clip and the ratios the shard-builder issue asks for: builder / bare decode (<= 2),
+naive / builder per worker (>= 1.5), 1 worker / 2 workers (>= 1.7).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # one thread per process, for both pipelines
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+from audioset_dcls import features  # noqa: E402
+from audioset_dcls.shards import encode_sample  # noqa: E402
+from preprocessing.build_shards import BuildOptions, _ShardWriter, build_shards  # noqa: E402
+
+
+def write_clips(root: Path, n: int, seed: int = 0) -> tuple[list[Path], Path, Path]:
+    """n 10 s 44.1 kHz stereo 16-bit FLAC files + a segment CSV and a class index."""
+    rng = np.random.default_rng(seed)
+    audio = root / "audio"
+    audio.mkdir(parents=True)
+    sr, secs = 44100, 10.0
+    t = np.arange(int(sr * secs)) / sr
+    paths, rows = [], []
+    for i in range(n):
+        ytid = f"bench{i:06d}"
+        tone = np.sin(2 * np.pi * rng.uniform(100, 8000) * t)
+        x = 0.05 * rng.standard_normal((t.size, 2)) + 0.2 * tone[:, None]
+        path = audio / f"{ytid}.flac"
+        sf.write(path, x.astype(np.float32), sr, subtype="PCM_16")
+        paths.append(path)
+        rows.append(f"{ytid},0,10,/m/0\n")
+    seg = root / "segments.csv"
+    seg.write_text("# YTID, start_seconds, end_seconds, positive_labels\n" + "".join(rows))
+    labels = root / "labels.csv"
+    labels.write_text('index,mid,display_name\n0,/m/0,"Bench"\n')
+    return paths, seg, labels
+
+
+def time_stages(paths: list[Path], out: Path) -> dict[str, float]:
+    """ms per clip of each stage of our pipeline, in this process (1 thread)."""
+    cfg = features.FeatureConfig()
+    totals = dict.fromkeys(("decode", "resample", "logmel", "write"), 0.0)
+    writer = _ShardWriter(out / "stages.tar")
+    for i, path in enumerate(paths):
+        t0 = time.perf_counter()
+        data, sr = features.decode_audio(path)
+        t1 = time.perf_counter()
+        wave = features.to_mono_resampled(data, sr, cfg.sample_rate)
+        t2 = time.perf_counter()
+        logmel = features.compute_logmel(wave, cfg)
+        t3 = time.perf_counter()
+        half = torch.from_numpy(logmel).half().numpy()
+        writer.write(encode_sample(f"clip{i}", half, [0], {"source": str(path), "duration": 10.0}))
+        t4 = time.perf_counter()
+        for k, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            totals[k] += dt
+    t0 = time.perf_counter()
+    writer.close()
+    totals["write"] += time.perf_counter() - t0
+    return {k: 1e3 * v / len(paths) for k, v in totals.items()}
+
+
+def time_naive(paths: list[Path]) -> float:
+    """ms per clip of the naive per-clip librosa pipeline."""
+    import librosa
+
+    def one(path):
+        y, sr = librosa.load(path, sr=32000)
+        mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=1024, hop_length=320, n_mels=128, fmin=50,
+                                             fmax=14000, htk=True, norm=None)
+        return librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+
+    one(paths[0])  # numba compilation and imports, not part of a clip's cost
+    t0 = time.perf_counter()
+    for path in paths:
+        one(path)
+    return 1e3 * (time.perf_counter() - t0) / len(paths)
+
+
+def time_builder(seg: Path, labels: Path, audio: Path, out: Path, workers: int, n: int) -> tuple[float, float]:
+    """build_shards with ``workers``: (ms per clip end to end, marginal ms per clip).
+
+    The marginal time is (T(n clips) - T(k clips)) / (n - k) with k = 8 clips per worker: the
+    cost of one more clip once the pool is running, i.e. what a long build pays per clip.
+    """
+    k = min(8 * workers, n // 2)
+    small = seg.with_name(f"first{k}.csv")
+    lines = seg.read_text().splitlines(keepends=True)
+    small.write_text("".join(lines[: k + 1]))
+    times = {}
+    for m, csv_path in ((k, small), (n, seg)):
+        opts = BuildOptions(segments=(csv_path,), labels=labels, audio_dir=audio, out=out / f"n{m}",
+                            split="bench", workers=workers, shard_size=50, progress=False)
+        result = build_shards(opts)
+        assert result.clips_written == m, result
+        times[m] = result.seconds
+    return 1e3 * times[n] / n, 1e3 * (times[n] - times[k]) / (n - k)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clips", type=int, default=120, help="number of 10 s FLAC clips (default 120)")
+    p.add_argument("--workers", type=int, default=2, help="largest worker count for the scaling test")
+    p.add_argument("--dir", type=Path, help="work folder (default: a temporary one, removed after)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench_preprocess_"))
+    try:
+        print(f"writing {args.clips} clips of 10 s, 44.1 kHz stereo FLAC ...", flush=True)
+        paths, seg, labels = write_clips(root / "data", args.clips)
+        for path in paths:  # warm the page cache
+            path.read_bytes()
+        # warm up: worker pool server, imports
+        build_shards(BuildOptions(segments=(seg,), labels=labels, audio_dir=paths[0].parent, out=root / "warm",
+                                  split="warm", workers=1, shard_size=4, progress=False))
+        stages = time_stages(paths, root)
+        naive = time_naive(paths)
+        builder = {w: time_builder(seg, labels, paths[0].parent, root / f"w{w}", w, args.clips)
+                   for w in sorted({1, args.workers})}
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    ours = sum(stages.values())
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"torch {torch.__version__}; {args.clips} clips")
+    print("\nour pipeline per stage (1 thread, ms per clip):")
+    for k, v in stages.items():
+        print(f"  {k:9s} {v:7.2f}")
+    print(f"  {'total':9s} {ours:7.2f}")
+    print(f"\nnaive librosa.load(sr=32000) + melspectrogram + power_to_db: {naive:7.2f} ms per clip")
+    print("\nbuilder (build_shards: decode..write in workers, IPC, tar + sha256 in the parent):")
+    for w, (total, marginal) in builder.items():
+        print(f"  {w} worker(s): {marginal:7.2f} ms per clip once running ({1e3 / marginal:6.1f} clips/s); "
+              f"{total:7.2f} ms per clip including pool start")
+    one = builder[1][1]
+    print("\nratios:")
+    print(f"  builder (1 worker) / bare decode        {one / stages['decode']:5.2f}  (target <= 2)")
+    print(f"  stages total / bare decode              {ours / stages['decode']:5.2f}")
+    print(f"  naive / builder (1 worker)              {naive / one:5.2f}  (target >= 1.5)")
+    print(f"  naive / our stages total                {naive / ours:5.2f}")
+    if args.workers > 1:
+        print(f"  1 worker / {args.workers} workers (speed-up)          {one / builder[args.workers][1]:5.2f}  "
+              f"(target >= 1.7 with 2)")
+
+
+if __name__ == "__main__":
+    main()
