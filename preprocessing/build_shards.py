@@ -522,8 +522,11 @@ def build_shards(opts: BuildOptions) -> BuildResult:
     _check_or_write_plan(out, plan)
 
     mine = part_shard_range(plan["num_shards"], *opts.part)
-    for i in mine:  # partial tars of a killed run (only this part's: other parts may be writing)
+    for i in mine:  # partial files of a killed run (only this part's: other parts may be writing)
         (out / (shard_name(opts.split, i) + ".tmp")).unlink(missing_ok=True)
+        record = _record_path(out, opts.split, i)
+        for tmp in record.parent.glob(record.name + ".*.tmp"):
+            tmp.unlink(missing_ok=True)
     done = _finished_shards(out, opts.split, mine, opts.verify, max(1, opts.workers))
     todo = [i for i in mine if i not in done]
     S = opts.shard_size

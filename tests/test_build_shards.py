@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,7 @@ BAD = {
     "kkkkkkkkkkk": ("m4a", "unreadable"),
 }
 SHARD_SIZE = 3
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_dataset(root: Path) -> dict:
@@ -316,3 +322,34 @@ def test_other_build_in_the_folder_and_bad_labels_are_refused(dataset, single_ru
     assert f"{bad}:2:" in err and "/m/nope" in err and "\n" not in err
     assert main(argv + ["--unknown-mids", "drop", "--no-progress"]) == 2  # nothing left to build
     assert "no segments" in capsys.readouterr().err
+
+
+def test_cli_killed_mid_run_resumes(dataset, tmp_path):
+    """SIGKILL the real command after its first shard, re-run it, and lose or repeat nothing."""
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "preprocessing.build_shards", "--segments", *map(str, dataset["segments"]),
+            "--labels", str(dataset["labels"]), "--audio-dir", str(dataset["audio"]), "--out", str(out),
+            "--split", "train", "--shard-size", "1", "--workers", "1", "--seed", "7", "--no-progress"]
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not list((out / "_build").glob("train-*.json")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no shard finished in 120 s"
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers
+        proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    finished = len(list((out / "_build").glob("train-*.json")))
+    assert 1 <= finished < 11
+
+    result = build_shards(_options(dataset, out, shard_size=1, workers=1))
+    assert len(result.shards_reused) == finished  # records are atomic: each one names a good shard
+    assert not list(out.glob("*.tmp")) and not list((out / "_build").glob("*.tmp"))
+    samples = _read_all(out)  # raises on a duplicate
+    assert set(samples) == {f"{y}_{int(GOOD[y][6] * 1000)}" for y in GOOD}
+    manifest = read_manifest(out)
+    assert manifest["num_samples"] == len(GOOD) and manifest["build"]["num_slots"] == 11
+    assert {s["ytid"] for s in manifest["skipped"]} == set(BAD) | {"-aaaaaaaaaa"}
