@@ -98,6 +98,21 @@ def test_patch_stem_maps_10s_clip_to_64x62(name, stem_path, bias):
         assert stem(torch.zeros(1, 1, 128, 1001)).shape[-2:] == (64, 62)
 
 
+@pytest.mark.parametrize("name", DCLS_MODELS)
+def test_dcls_layers_see_channels_last_inputs(name):
+    # oneDNN's NCHW depthwise path for 23x23 kernels is 10-50x slower than its NHWC one
+    model = create_model(name).eval()
+    seen = []
+    for _, layer in dcls_layers(model):
+        layer.register_forward_pre_hook(
+            lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                          and not args[0].is_contiguous())
+        )
+    with torch.no_grad():
+        model(_input(1, 160))
+    assert len(seen) == REPLACED[name] and all(seen)
+
+
 def test_layer_scale_and_head_match_reference_choices():
     convformer = create_model("convformer_s18")
     assert convformer.get_submodule("head.fc.norm").eps == 1e-5  # reference MlpHead: nn.LayerNorm default

@@ -19,6 +19,7 @@ equal the reference's exactly (25,797,847 / 25,781,207 for S18 with 527 classes)
 from __future__ import annotations
 
 import timm
+import torch
 from timm.models.metaformer import checkpoint_filter_fn
 from torch import nn
 
@@ -61,7 +62,7 @@ def create_convformer(
     replace_module(model, "stem.conv", make_patch_stem(1, stem.out_channels, bias=False))
     if dcls:
         replace_depthwise_with_dcls(model, find_depthwise_convs(model, 7), kernel_count, dilated_kernel_size)
-    return model
+    return model.to(memory_format=torch.channels_last)  # see surgery.PatchStem
 
 
 @register_model

@@ -12,6 +12,7 @@ exactly (28,223,855 / 28,221,263 for T with 527 classes).
 from __future__ import annotations
 
 import timm
+import torch
 from timm.models.convnext import checkpoint_filter_fn
 from torch import nn
 
@@ -50,7 +51,7 @@ def create_convnext(
     replace_module(model, "stem.0", make_patch_stem(1, stem.out_channels, bias=True))
     if dcls:
         replace_depthwise_with_dcls(model, find_depthwise_convs(model, 7), kernel_count, dilated_kernel_size)
-    return model
+    return model.to(memory_format=torch.channels_last)  # see surgery.PatchStem
 
 
 @register_model

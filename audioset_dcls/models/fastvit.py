@@ -10,7 +10,7 @@ Differences handled here:
 
 - stem: the whole MobileOne stem (3 blocks) is replaced by the (2, 16) patch conv *without* bias,
   as in the reference;
-- the model runs channels_last (weights, and the stem converts its input);
+- the model runs channels_last, like every model here (see ``surgery.PatchStem``);
 - it is never reparameterised: the reference trains and evaluates the multi-branch form, and
   reparameterising the RepCPE would read a DCLS layer as a 7x7 kernel. Every module's
   ``reparameterize`` raises instead (timm's ``reparameterize_model`` included).
@@ -28,17 +28,9 @@ from timm.models.fastvit import checkpoint_filter_fn
 from torch import nn
 
 from .registry import register_model
-from .surgery import PATCH_STEM_KERNEL, find_depthwise_convs, load_timm_checkpoint, replace_depthwise_with_dcls
+from .surgery import find_depthwise_convs, load_timm_checkpoint, make_patch_stem, replace_depthwise_with_dcls
 
-__all__ = ["create_fastvit", "ChannelsLastPatchStem"]
-
-
-class ChannelsLastPatchStem(nn.Conv2d):
-    """The (2, 16) patch conv that also moves its input to channels_last, so the whole network
-    runs channels_last: (B, 1, 128, T) -> (B, C0, 64, T // 16)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=torch.channels_last))
+__all__ = ["create_fastvit", "guard_against_reparameterize"]
 
 
 class RefuseReparameterize:
@@ -91,9 +83,7 @@ def create_fastvit(
     if pretrained_path is not None:
         load_timm_checkpoint(model, pretrained_path, filter_fn=checkpoint_filter_fn)
     c0 = model.stages[0].blocks[0].mlp.fc2.out_channels
-    stem = ChannelsLastPatchStem(1, c0, PATCH_STEM_KERNEL, stride=PATCH_STEM_KERNEL, bias=False)
-    nn.init.trunc_normal_(stem.weight, std=0.02)
-    model.stem = stem
+    model.stem = make_patch_stem(1, c0, bias=False)
     if dcls:
         replace_depthwise_with_dcls(model, find_depthwise_convs(model, 7), kernel_count, dilated_kernel_size)
     guard_against_reparameterize(model)
