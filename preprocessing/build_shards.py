@@ -532,11 +532,14 @@ def build_shards(opts: BuildOptions) -> BuildResult:
     S = opts.shard_size
     todo_segs = [seg for i in todo for seg in order[i * S : (i + 1) * S]]
 
+    if opts.progress:
+        print(f"{opts.split}: {len(order)} segments in {plan['num_shards']} shard slot(s) of {S}; "
+              f"this run: {len(todo)} to build, {len(done)} already finished", file=sys.stderr)
     find = _file_finder(opts, todo_segs)
     tasks = (ClipTask(seg.key, find(seg), seg.labels, seg.ytid, seg.start, seg.end) for seg in todo_segs)
 
     written, skipped, n_ok = [], Counter(), 0
-    bar = tqdm(total=len(todo_segs), unit="clip", desc=f"{opts.split} shards", mininterval=1.0,
+    bar = tqdm(total=len(todo_segs), unit="clips", desc=f"{opts.split} shards", mininterval=1.0,
                disable=not opts.progress or not todo_segs, dynamic_ncols=True)
     t0 = time.perf_counter()
     results = _run_tasks(tasks, opts)
@@ -571,6 +574,8 @@ def _file_finder(opts: BuildOptions, segs: Sequence[Segment]):
     if not segs:
         return lambda seg: None
     index = index_audio_dir(opts.audio_dir)
+    if opts.progress:
+        print(f"indexed {index.num_files} audio files under {opts.audio_dir}", file=sys.stderr)
 
     def find(seg: Segment) -> str | None:
         path, _ = index.find(seg)
@@ -762,9 +767,10 @@ def format_summary(result: BuildResult, opts: BuildOptions | None = None) -> str
         lines.append("skipped this run: " + ", ".join(f"{n} {k}" for k, n in sorted(r.skipped.items())))
     m = r.manifest
     if m is None:
-        lines.append(f"{len(r.shards_missing)} shard(s) of this set are not built yet "
-                     f"({_name_ranges(r.shards_missing)}); when the other parts finish, run: "
-                     f"python -m preprocessing.build_shards --merge --out {r.out}")
+        lines.append(f"{len(r.shards_missing)} shard slot(s) of this set are not built here yet "
+                     f"({_name_ranges(r.shards_missing)}). Jobs sharing this --out: the last one to "
+                     f"finish writes the manifest. Separate folders: copy them into one and run "
+                     f"python -m preprocessing.build_shards --merge --out DIR")
         return "\n".join(lines)
     lines.append(f"shard set complete: {m['num_samples']} samples in {m['num_shards']} shard(s) "
                  f"of split '{m['split']}' in {r.out}")
