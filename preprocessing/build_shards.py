@@ -168,10 +168,10 @@ def part_shard_range(num_shards: int, part: int, parts: int) -> range:
 
 
 def _order_hash(order: Sequence[Segment]) -> str:
+    """sha256 of the ordered (key, labels) list: changes if a row, its labels or the order do."""
     h = hashlib.sha256()
     for seg in order:
-        h.update(seg.key.encode())
-        h.update(b"\n")
+        h.update(f"{seg.key} {','.join(map(str, seg.labels))}\n".encode())
     return h.hexdigest()
 
 
