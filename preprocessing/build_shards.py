@@ -147,6 +147,11 @@ class BuildOptions:
             raise BuildError(f"--part {i}/{n}: expected i/N with 0 <= i < N (e.g. 0/4 ... 3/4)")
         if not Path(self.audio_dir).is_dir():
             raise BuildError(f"{self.audio_dir}: audio folder does not exist")
+        if self.pattern:
+            try:
+                resolve_pattern(self.pattern, self.audio_dir, Segment("x", 0.0, 10.0, ()))
+            except ValueError as err:
+                raise BuildError(f"--pattern: {err}") from None
 
 
 def shard_name(split: str, index: int) -> str:
@@ -569,7 +574,6 @@ def build_shards(opts: BuildOptions) -> BuildResult:
 def _file_finder(opts: BuildOptions, segs: Sequence[Segment]):
     """segment -> path string or None, by pattern or by a recursive index of the audio folder."""
     if opts.pattern:
-        resolve_pattern(opts.pattern, opts.audio_dir, segs[0]) if segs else None  # fail fast on a bad pattern
         return lambda seg: str(resolve_pattern(opts.pattern, opts.audio_dir, seg))
     if not segs:
         return lambda seg: None

@@ -293,6 +293,7 @@ def test_cli_builds_with_a_pattern_and_reports(dataset, tmp_path, capsys):
         (["--part", "3/3"], "0 <= i < N"),
         (["--shard-size", "0"], "--shard-size"),
         (["--split", "a.b"], "--split"),
+        (["--pattern", "{id}.wav"], "fields: ytid"),
     ],
 )
 def test_cli_argument_errors_are_one_line(dataset, tmp_path, capsys, extra, words):
@@ -301,6 +302,7 @@ def test_cli_argument_errors_are_one_line(dataset, tmp_path, capsys, extra, word
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_other_build_in_the_folder_and_bad_labels_are_refused(dataset, single_run, tmp_path, capsys):
