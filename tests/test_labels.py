@@ -58,7 +58,8 @@ def test_label_set_parses_quoted_names(labels):
     assert LabelSet.from_dict(labels.to_dict()) == labels
 
 
-@pytest.mark.parametrize("text", [OFFICIAL, RESAVED], ids=["official", "resaved"])
+@pytest.mark.parametrize("text", [OFFICIAL, RESAVED, OFFICIAL.replace("\n", "\r\n")],
+                         ids=["official", "resaved", "official-crlf"])
 def test_both_segment_variants_parse_the_same(tmp_path, labels, text):
     path = tmp_path / "segments.csv"
     path.write_text(text)
@@ -68,7 +69,7 @@ def test_both_segment_variants_parse_the_same(tmp_path, labels, text):
     assert segs[0].labels == (0, 2) and segs[2].labels == (0, 1, 3)
     assert segs[2].mids == ("/m/09x0r", "/m/05zppz", "/m/04rlf")
     assert segs[1].key == "-0RWZT-miFs_420000" and segs[2].key == "abcdEFGH_12_30500"
-    assert segs[0].source.endswith("segments.csv:" + ("4" if text is OFFICIAL else "2"))
+    assert segs[0].source.endswith("segments.csv:" + ("2" if text is RESAVED else "4"))
     assert segs.dropped == []
 
 
