@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from audioset_dcls import features
@@ -274,8 +275,6 @@ def process_clip(task: ClipTask, cfg: FeatureConfig) -> ClipResult:
     Never raises for a bad file: returns a skip result with the reason instead. A bad clip is
     never turned into a zero-filled sample.
     """
-    import torch
-
     if task.path is None:
         return ClipResult("missing", None, "no audio file found for this segment")
     path = Path(task.path)
@@ -313,8 +312,6 @@ _WORKER_CFG: FeatureConfig | None = None
 
 
 def _init_worker(cfg_dict: dict[str, Any]) -> None:
-    import torch
-
     global _WORKER_CFG
     torch.set_num_threads(1)  # one process per core; torch threads would fight over them
     _WORKER_CFG = FeatureConfig.from_dict(cfg_dict)
@@ -339,8 +336,6 @@ def _run_tasks(tasks: Iterable[ClipTask], opts: BuildOptions) -> Iterator[ClipRe
     """Results of ``process_clip`` in task order, computed by ``opts.workers`` processes."""
     cfg = opts.feature_config
     if opts.workers == 0:
-        import torch
-
         # One thread, like the workers: the bytes of a shard do not depend on --workers.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
