@@ -118,14 +118,20 @@ def _load_pickle_safely(path: Path) -> Any:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        try:  # name what it wanted, found without executing anything
+        try:  # name what it wanted; this scan reads the pickle opcodes without executing them
             wanted = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # noqa: BLE001 - best effort: the refusal itself is what matters
+        except Exception:  # noqa: BLE001 - not a torch.save file at all
             wanted = []
-        what = ", ".join(wanted) if wanted else str(err).splitlines()[0][:200]
+        if wanted:
+            raise ConversionError(
+                f"{path}: refused to load: it pickles objects other than tensors, containers and "
+                f"argparse.Namespace ({', '.join(wanted)}); not a plain reference checkpoint"
+            ) from None
+        # torch's message is a paragraph; its cause is the line after "WeightsUnpickler error:"
+        cause = [ln.strip() for ln in str(err).split("WeightsUnpickler error:")[-1].splitlines() if ln.strip()]
         raise ConversionError(
-            f"{path}: refused to load: it pickles objects other than tensors, containers and "
-            f"argparse.Namespace ({what}); not a plain reference checkpoint"
+            f"{path}: not a readable torch checkpoint, or one that needs objects we do not allow "
+            f"({cause[0][:200] if cause else type(err).__name__})"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -428,6 +434,24 @@ class ConversionResult:
         return "\n".join(lines)
 
 
+def _build_and_convert(ref: ReferenceCheckpoint, model_name: str | None) -> tuple[str, nn.Module, ConversionReport]:
+    """Pick the reference model (given or detected), build ours, load the tensors into it."""
+    from .models import create_model
+
+    if model_name is None:
+        reference_name = detect_reference_model(ref.state_dict)
+    else:
+        by_ours = {v: k for k, v in REFERENCE_MODELS.items()}
+        if model_name in REFERENCE_MODELS:
+            reference_name = model_name
+        elif model_name in by_ours:
+            reference_name = by_ours[model_name]
+        else:
+            raise ConversionError(f"--model {model_name!r}: choose from {sorted(REFERENCE_MODELS) + sorted(by_ours)}")
+    model = create_model(REFERENCE_MODELS[reference_name], num_classes=_num_classes(reference_name, ref.state_dict))
+    return reference_name, model, convert_state_dict(reference_name, ref.state_dict, model)
+
+
 def convert_reference_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -442,29 +466,17 @@ def convert_reference_checkpoint(
     """
     from .checkpoint import CheckpointInfo, save_inference_checkpoint
     from .features import FeatureConfig, Normalization
-    from .models import create_model
 
     checkpoint = Path(checkpoint)
     ref = read_reference_checkpoint(checkpoint, use_ema=use_ema)
-    if model_name is None:
-        reference_name = detect_reference_model(ref.state_dict)
-    else:
-        by_ours = {v: k for k, v in REFERENCE_MODELS.items()}
-        if model_name in REFERENCE_MODELS:
-            reference_name = model_name
-        elif model_name in by_ours:
-            reference_name = by_ours[model_name]
-        else:
-            raise ConversionError(f"--model {model_name!r}: choose from {sorted(REFERENCE_MODELS) + sorted(by_ours)}")
-    ours = REFERENCE_MODELS[reference_name]
-    num_classes = _num_classes(reference_name, ref.state_dict)
-    labels = _read_labels(labels_path, num_classes) if labels_path is not None else []
-
-    model = create_model(ours, num_classes=num_classes)
     try:
-        report = convert_state_dict(reference_name, ref.state_dict, model)
+        reference_name, model, report = _build_and_convert(ref, model_name)
     except ConversionError as err:
         raise ConversionError(f"{checkpoint}: {err}") from None
+    num_classes = _num_classes(reference_name, ref.state_dict)
+    ours = REFERENCE_MODELS[reference_name]
+    labels = _read_labels(labels_path, num_classes) if labels_path is not None else []
+
     info = CheckpointInfo(
         model_name=ours,
         num_classes=num_classes,
