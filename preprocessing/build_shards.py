@@ -457,8 +457,13 @@ def _verify_shard(out: Path, record: dict[str, Any], full: bool) -> str | None:
     return None
 
 
-def _finished_shards(out: Path, split: str, indices: Iterable[int], full: bool, threads: int) -> dict[int, dict]:
-    """Records of the shards among ``indices`` that are complete and intact (others cleaned)."""
+def _finished_shards(out: Path, split: str, indices: Iterable[int], full: bool, threads: int,
+                     mine: bool = True) -> dict[int, dict]:
+    """Records of the shards among ``indices`` that are complete and intact.
+
+    ``mine``: this run will rebuild the bad ones, so their records are removed; otherwise
+    (shards of other parts) they are only reported.
+    """
     records = {}
     for i in indices:
         rp = _record_path(out, split, i)
@@ -466,13 +471,16 @@ def _finished_shards(out: Path, split: str, indices: Iterable[int], full: bool, 
             try:
                 records[i] = _read_json(rp)
             except (OSError, ValueError):
-                rp.unlink(missing_ok=True)
+                if mine:
+                    rp.unlink(missing_ok=True)
     with ThreadPoolExecutor(max(1, threads)) as ex:  # hashing releases the GIL
         problems = dict(zip(records, ex.map(lambda r: _verify_shard(out, r, full), records.values())))
     for i, problem in problems.items():
         if problem is not None:
-            print(f"{out / records[i]['name']}: {problem}; rebuilding it", file=sys.stderr)
-            _record_path(out, split, i).unlink(missing_ok=True)
+            action = "rebuilding it" if mine else "re-run the --part that builds it"
+            print(f"{out / records[i]['name']}: {problem}; {action}", file=sys.stderr)
+            if mine:
+                _record_path(out, split, i).unlink(missing_ok=True)
             del records[i]
     return records
 
@@ -641,7 +649,7 @@ def _try_finalize(out: Path, plan: dict[str, Any], verified: set[int], full_veri
     """
     split, n = plan["split"], plan["num_shards"]
     others = [i for i in range(n) if i not in verified]
-    records = {i: r for i, r in _finished_shards(out, split, others, full_verify, threads).items()}
+    records = _finished_shards(out, split, others, full_verify, threads, mine=False)
     for i in verified:
         records[i] = _read_json(_record_path(out, split, i))
     missing = [shard_name(split, i) for i in range(n) if i not in records]

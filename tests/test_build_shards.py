@@ -263,6 +263,15 @@ def test_parts_together_equal_one_run(dataset, single_run, tmp_path, capsys):
     assert _shard_digests(merged) == _shard_digests(ref_out)
     assert read_manifest(merged) == ref_manifest
     assert [p.name for p in list_shards(merged)] == [s["name"] for s in ref_manifest["shards"]]
+    # a shard damaged after it was recorded is caught by the merge (sha256), not listed
+    name = ref_manifest["shards"][0]["name"]
+    damaged = bytearray((merged / name).read_bytes())
+    damaged[3000] ^= 0xFF
+    (merged / name).write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert main(["--merge", "--out", str(merged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{name}: sha256 differs" in err and f"not built yet ({name})" in err
 
 
 def test_cli_builds_with_a_pattern_and_reports(dataset, tmp_path, capsys):
