@@ -537,6 +537,8 @@ def build_shards(opts: BuildOptions) -> BuildResult:
             tmp.unlink(missing_ok=True)
     done = _finished_shards(out, opts.split, mine, opts.verify, max(1, opts.workers))
     todo = [i for i in mine if i not in done]
+    if todo:
+        _remove_manifest(out)  # shards are about to change; written again when the set is complete
     S = opts.shard_size
     todo_segs = [seg for i in todo for seg in order[i * S : (i + 1) * S]]
 
@@ -654,12 +656,18 @@ def _try_finalize(out: Path, plan: dict[str, Any], verified: set[int], full_veri
         records[i] = _read_json(_record_path(out, split, i))
     missing = [shard_name(split, i) for i in range(n) if i not in records]
     if missing:
+        _remove_manifest(out)  # an incomplete folder must not look like a shard set
         return None, missing
     manifest = _make_manifest(plan, [records[i] for i in range(n)])
     _write_json(out / SIZES_NAME, {s["name"]: s["count"] for s in manifest["shards"]})
     _write_skipped_csv(out / SKIPPED_NAME, manifest["skipped"])
     _write_json(out / MANIFEST_NAME, manifest)  # last: its presence means "complete"
     return manifest, []
+
+
+def _remove_manifest(out: Path) -> None:
+    for name in (MANIFEST_NAME, SIZES_NAME, SKIPPED_NAME):
+        (out / name).unlink(missing_ok=True)
 
 
 def _make_manifest(plan: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -272,6 +272,8 @@ def test_parts_together_equal_one_run(dataset, single_run, tmp_path, capsys):
     assert main(["--merge", "--out", str(merged)]) == 2
     err = capsys.readouterr().err
     assert f"{name}: sha256 differs" in err and f"not built yet ({name})" in err
+    with pytest.raises(FileNotFoundError):  # the stale manifest is gone
+        read_manifest(merged)
 
 
 def test_cli_builds_with_a_pattern_and_reports(dataset, tmp_path, capsys):
