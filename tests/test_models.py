@@ -66,22 +66,39 @@ def test_registry_has_the_paper_models_and_tiny_ones():
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_forward_shape_params_and_replacements(name):
+def test_forward_shape_params_replacements_and_baking(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=527).eval()
+    _perturb_(model)
+    # oneDNN's NCHW depthwise path for 23x23 kernels is 10-50x slower than its NHWC one
+    channels_last = []
+    for _, layer in dcls_layers(model):
+        layer.register_forward_pre_hook(
+            lambda mod, args: channels_last.append(
+                args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()
+            )
+        )
     batch = 2 if "atto" in name else 1
+    x = _input(batch, 160)
     with torch.no_grad():
-        y = model(_input(batch))
+        y = model(x)
     assert y.shape == (batch, 527) and torch.isfinite(y).all()
+    assert all(channels_last) and len(channels_last) == REPLACED.get(name, 0)
 
     if name in REFERENCE_PARAMS:
         assert _n_params(model) == REFERENCE_PARAMS[name]
     n_dcls = len(dcls_layers(model))
     assert n_dcls == REPLACED.get(name, 0)
-    if n_dcls:  # no 7x7 depthwise conv is left behind
-        assert find_depthwise_convs(model, 7) == []
-    else:
+    if not n_dcls:
         assert len(find_depthwise_convs(model, 7)) == REPLACED.get(name + "_dcls", 12)
+        return
+    assert find_depthwise_convs(model, 7) == []  # no 7x7 depthwise conv is left behind
+    with torch.no_grad():
+        baked = to_inference(model)
+        out = baked(x)
+    assert baked is model and dcls_layers(baked) == []
+    assert len(find_depthwise_convs(baked, 23)) == n_dcls
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
 
 
 @pytest.mark.parametrize(
@@ -96,21 +113,6 @@ def test_patch_stem_maps_10s_clip_to_64x62(name, stem_path, bias):
     assert (stem.bias is not None) == bias
     with torch.no_grad():
         assert stem(torch.zeros(1, 1, 128, 1001)).shape[-2:] == (64, 62)
-
-
-@pytest.mark.parametrize("name", DCLS_MODELS)
-def test_dcls_layers_see_channels_last_inputs(name):
-    # oneDNN's NCHW depthwise path for 23x23 kernels is 10-50x slower than its NHWC one
-    model = create_model(name).eval()
-    seen = []
-    for _, layer in dcls_layers(model):
-        layer.register_forward_pre_hook(
-            lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
-                                          and not args[0].is_contiguous())
-        )
-    with torch.no_grad():
-        model(_input(1, 160))
-    assert len(seen) == REPLACED[name] and all(seen)
 
 
 def test_layer_scale_and_head_match_reference_choices():
@@ -156,21 +158,6 @@ def test_shared_gradients_accumulate_from_every_layer():
         summed = sum(m.positions.grad for p, m in dcls_layers(untied) if p.startswith(stage + "."))
         torch.testing.assert_close(a.positions.grad, summed, rtol=1e-4, atol=1e-7)
         assert not torch.allclose(b.positions.grad, summed)  # one layer alone is not the stage's gradient
-
-
-@pytest.mark.parametrize("name", DCLS_MODELS)
-def test_baked_equals_unbaked(name):
-    torch.manual_seed(0)
-    model = create_model(name).eval()
-    _perturb_(model)
-    x = _input(1, 160)
-    with torch.no_grad():
-        ref = model(x)
-        baked = to_inference(model)
-        out = baked(x)
-    assert baked is model and dcls_layers(baked) == []
-    assert len(find_depthwise_convs(baked, 23)) == REPLACED[name]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_sharing_survives_dtype_and_deepcopy():
