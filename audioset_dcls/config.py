@@ -62,7 +62,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "convnext_tiny_dcls"
     drop_path_rate: float = 0.4
-    layer_scale_init_value: Optional[float] = 1e-6
+    # None = the family's own default (ConvNeXt: 1e-6, the reference's; FastViT: 1e-5; ConvFormer
+    # has res-scale instead and ignores it).
+    layer_scale_init_value: Optional[float] = None
     kwargs: dict = field(default_factory=dict)  # anything else for models.create_model
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "build_train_loader",
     "build_eval_loader",
     "move_batch",
+    "count_labels",
 ]
 
 
@@ -78,14 +79,12 @@ class ShardSet:
 
 
 def _manifest_labels(manifest: dict) -> list[dict]:
-    labels = manifest.get("labels") or []
-    out = []
-    for i, lab in enumerate(labels):
-        if isinstance(lab, str):
-            lab = {"index": i, "mid": "", "name": lab}
-        out.append({"index": int(lab.get("index", i)), "mid": lab.get("mid", ""),
-                    "name": lab.get("name", lab.get("display_name", ""))})
-    return out
+    """[{"index", "mid", "name"}] from the builder's {"mids": [...], "names": [...]}."""
+    labels = manifest.get("labels") or {}
+    if isinstance(labels, dict):
+        mids, names = list(labels.get("mids", [])), list(labels.get("names", []))
+        return [{"index": i, "mid": m, "name": n} for i, (m, n) in enumerate(zip(mids, names))]
+    return [{"index": i, "mid": lab.get("mid", ""), "name": lab.get("name", "")} for i, lab in enumerate(labels)]
 
 
 def _manifest_count(shard: dict) -> int:
@@ -113,18 +112,17 @@ def open_shard_set(path: str | Path, what: str) -> ShardSet:
     labels = _manifest_labels(manifest)
     if not labels:
         raise DataError(f"{what}={root}: the manifest has no label list")
-    features = FeatureConfig.from_dict(manifest["features"]) if "features" in manifest else FeatureConfig()
+    if "feature_config" not in manifest:
+        raise DataError(f"{what}={root}: the manifest has no feature_config")
+    features = FeatureConfig.from_dict(manifest["feature_config"])
     return ShardSet(root=root, urls=tuple(str(p) for p in paths), num_samples=sum(counts), features=features,
                     labels=tuple(labels), manifest=manifest)
 
 
 def _manifest_stats(manifest: dict) -> tuple[float, float] | None:
-    for key in ("normalization", "stats", "feature_stats"):
-        d = manifest.get(key)
-        if isinstance(d, dict) and "mean" in d and "std" in d:
-            return float(d["mean"]), float(d["std"])
-    if "mean" in manifest and "std" in manifest:
-        return float(manifest["mean"]), float(manifest["std"])
+    d = manifest.get("normalization")  # the builder's mean/std of the stored dB values
+    if isinstance(d, dict) and "mean" in d and "std" in d:
+        return float(d["mean"]), float(d["std"])
     return None
 
 
@@ -270,17 +268,19 @@ def train_batches_per_rank(samples_per_epoch: int, batch_size: int, world_size: 
     return per_worker * workers
 
 
-def _label_frequencies(shards: ShardSet) -> np.ndarray:
-    m = shards.manifest
-    counts = m.get("label_counts") or m.get("class_counts")
-    if counts is None:
-        raise DataError(f"data.class_balanced needs per-class label counts in {shards.root}/manifest.json")
-    if isinstance(counts, dict):
-        arr = np.zeros(shards.num_classes)
-        for k, v in counts.items():
-            arr[int(k)] = v
-        counts = arr
-    return np.asarray(counts, dtype=np.float64)
+def count_labels(shards: ShardSet) -> np.ndarray:
+    """Positives per class (num_classes,) over a shard set, reading only the JSON members
+    (tar headers let the data members be skipped). Used by class-balanced sampling."""
+    import tarfile
+
+    counts = np.zeros(shards.num_classes, dtype=np.int64)
+    for url in shards.urls:
+        with tarfile.open(url, "r") as tar:
+            for member in tar:
+                if member.name.endswith("." + META_EXT):
+                    labels = json.load(tar.extractfile(member))["labels"]
+                    np.add.at(counts, labels, 1)
+    return counts
 
 
 def build_train_loader(
@@ -309,7 +309,7 @@ def build_train_loader(
         _shuffle_stage(cfg.shuffle_buffer, cfg.shuffle_initial, seed, epoch, rank),
     ]
     if cfg.class_balanced:
-        freq = _label_frequencies(shards)
+        freq = count_labels(shards)
         stages.append(_balance_stage(1.0 / np.maximum(freq, 1.0), cfg.balance_power, seed, epoch, rank))
     stages += [
         _decode_stage(shards.features, norm, shards.num_classes, counter),

@@ -277,15 +277,16 @@ def _flat_hparams(cfg: Config) -> dict[str, Any]:
 
 
 def _model_kwargs(cfg: Config) -> dict[str, Any]:
-    kw = {"layer_scale_init_value": cfg.model.layer_scale_init_value}
+    kw = {} if cfg.model.layer_scale_init_value is None else {"layer_scale_init_value": cfg.model.layer_scale_init_value}
     kw.update(cfg.model.kwargs)
     return kw
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) training as ``cfg`` says. Returns the final summary on every process:
-    ``{"step", "epoch", "samples_seen", "loss_first", "loss_last", "eval": summary or None,
-    "checkpoint": path of the inference checkpoint, "param_checksum": float}``."""
+    """Run (or resume) training as ``cfg`` says. Returns the final summary (also written to
+    ``<output_dir>/summary.json``): ``{"step", "epoch", "samples_seen", "loss_first", "loss_last",
+    "eval": last eval summary or None, "checkpoint": inference checkpoint path (main process),
+    "finished", "processes", "param_checksums": one float per rank}``."""
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
@@ -299,6 +300,14 @@ def train(cfg: Config) -> dict[str, Any]:
     tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
     # step_scheduler_with_optimizer=False: our schedule is in optimizer steps; accelerate would
     # otherwise step it num_processes times per step.
+    # Data first: a missing path should fail before any process group or model is built.
+    train_set = open_shard_set(cfg.data.train, "data.train")
+    eval_set = open_shard_set(cfg.data.eval, "data.eval") if cfg.data.eval else None
+    if eval_set is not None and eval_set.num_classes != train_set.num_classes:
+        raise DataError(f"data.eval has {eval_set.num_classes} classes, data.train {train_set.num_classes}")
+    if eval_set is not None and eval_set.features != train_set.features:
+        raise DataError("data.train and data.eval were built with different feature configs")
+    norm = resolve_normalization(cfg.data, train_set)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # accelerate runs a multi-process launch without CUDA as N independent single-process runs
     # unless the CPU is forced: force it (gloo) when there is no GPU.
@@ -310,14 +319,6 @@ def train(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"launched as {launched} processes but accelerate sees {world}; on CPUs set "
                           "ACCELERATE_USE_CPU=1")
 
-    # Data first: a missing path should fail before minutes of model building.
-    train_set = open_shard_set(cfg.data.train, "data.train")
-    eval_set = open_shard_set(cfg.data.eval, "data.eval") if cfg.data.eval else None
-    if eval_set is not None and eval_set.num_classes != train_set.num_classes:
-        raise DataError(f"data.eval has {eval_set.num_classes} classes, data.train {train_set.num_classes}")
-    if eval_set is not None and eval_set.features != train_set.features:
-        raise DataError("data.train and data.eval were built with different feature configs")
-    norm = resolve_normalization(cfg.data, train_set)
     accum = gradient_accumulation_steps(cfg.optim.batch_size, cfg.data.batch_size, world)
     resume_from = _resume_path(cfg)
 
@@ -477,12 +478,18 @@ def train(cfg: Config) -> dict[str, Any]:
         )
         ckpt_path = str(save_inference_checkpoint(out_dir / "model.safetensors", export.state_dict(), info))
         log.info(f"inference checkpoint: {ckpt_path}", main_process_only=True)
-    accelerator.wait_for_everyone()
+    # Every rank's parameter checksum: equal values prove the replicas stayed in sync.
+    from accelerate.utils import gather_object
+
     checksum = float(sum(p.detach().double().sum().item() for p in unwrapped.parameters()))
+    summary = {"step": progress.step, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
+               "loss_first": loss_first, "loss_last": loss_last, "eval": final_eval, "checkpoint": ckpt_path,
+               "finished": finished, "processes": world, "param_checksums": gather_object([checksum])}
+    if accelerator.is_main_process:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"step": progress.step, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
-            "loss_first": loss_first, "loss_last": loss_last, "eval": final_eval, "checkpoint": ckpt_path,
-            "param_checksum": checksum, "finished": finished}
+    return summary
 
 
 def _step_seed(seed: int, rank: int, micro: int, stream: int) -> int:

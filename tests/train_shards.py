@@ -1,9 +1,10 @@
 """Shard sets for the training tests, built once per test session and reused (cached on disk
 under pytest's base temp dir, so every test module of a session shares them).
 
-``mini_shards``: the synthetic mini AudioSet (audioset_dcls.synthetic) through the real shard
-builder (``python -m preprocessing.build_shards``) when it is installed, with a 2 s clip (201
-frames) so the multi-process tests stay fast; the FeatureConfig travels in the manifest.
+``build_shards``: the synthetic mini AudioSet (audioset_dcls.synthetic, with its corrupt, empty
+and missing clips) through the real shard builder (preprocessing.build_shards, called in-process),
+optionally with a shorter clip so the multi-process tests stay fast (the FeatureConfig travels
+in the manifest).
 Without the builder, shards of the same synthetic sounds are written directly with
 ``shards.encode_sample`` + ``webdataset.TarWriter``.
 """
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +50,8 @@ def write_direct_shards(out: Path, split: str, num: int, seed: int, features: Fe
                 keys.append(key)
         shards.append({"name": name, "count": n, "sha256": sha256_file(out / name)})
     manifest = {
-        "format": MANIFEST_FORMAT, "split": split, "features": features.to_dict(),
-        "labels": [{"index": i, "mid": m, "name": nm} for i, (m, nm) in enumerate(CLASSES)],
+        "format": MANIFEST_FORMAT, "split": split, "feature_config": features.to_dict(),
+        "labels": {"mids": [m for m, _ in CLASSES], "names": [nm for _, nm in CLASSES]},
         "shards": shards, "clip_ids_sha256": hash_ids(keys), "skipped": [],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -62,23 +61,36 @@ def write_direct_shards(out: Path, split: str, num: int, seed: int, features: Fe
 
 def build_shards(root: Path, num_train: int, num_eval: int, clip_seconds: float, seed: int = 0,
                  per_shard: int = 16) -> tuple[Path, Path]:
-    """(train shard dir, eval shard dir) under ``root`` (reused if already complete)."""
-    train_dir, eval_dir = root / "shards" / "train", root / "shards" / "eval"
-    if (root / "DONE").is_file():
+    """(train shard dir, eval shard dir) of the mini AudioSet under ``root``, with
+    ``clip_seconds`` clips (reused if already built; the audio is shared by all clip lengths)."""
+    out = root / f"shards_{clip_seconds:g}s"
+    train_dir, eval_dir = out / "train", out / "eval"
+    if (out / "DONE").is_file():
         return train_dir, eval_dir
     features = FeatureConfig(clip_seconds=clip_seconds)
     if have_builder():
-        ds = make_mini_audioset(root / "audioset", num_train=num_train, num_eval=num_eval, seed=seed, broken=True)
-        feat_json = root / "features.json"
-        feat_json.write_text(json.dumps(features.to_dict()))
-        for split, out in (("train", train_dir), ("eval", eval_dir)):
-            cmd = [sys.executable, "-m", "preprocessing.build_shards", "--segments", str(ds.segments[split]),
-                   "--labels", str(ds.labels_csv), "--audio-dir", str(ds.audio_dir), "--out", str(out),
-                   "--split", split, "--workers", "1", "--shard-size", str(per_shard),
-                   "--clip-seconds", str(clip_seconds)]
-            subprocess.run(cmd, check=True, cwd=REPO_ROOT, capture_output=True)
+        from preprocessing.build_shards import BuildOptions, build_shards as run_builder
+
+        audio = root / "audioset"
+        if not (audio / "DONE").is_file():
+            make_mini_audioset(audio, num_train=num_train, num_eval=num_eval, seed=seed, broken=True)
+            (audio / "DONE").write_text("ok")
+        labels_csv = audio / "class_labels_indices.csv"
+        segments = {"train": audio / "balanced_train_segments.csv", "eval": audio / "eval_segments.csv"}
+        for split, split_dir in (("train", train_dir), ("eval", eval_dir)):
+            run_builder(BuildOptions(segments=(segments[split],), labels=labels_csv, audio_dir=audio / "audio",
+                                     out=split_dir, split=split, workers=0, shard_size=per_shard, progress=False,
+                                     feature_config=features))
     else:
         write_direct_shards(train_dir, "train", num_train, seed, features, per_shard)
         write_direct_shards(eval_dir, "eval", num_eval, seed + 1, features, per_shard)
-    (root / "DONE").write_text("ok")
+    (out / "DONE").write_text("ok")
     return train_dir, eval_dir
+
+
+NUM_TRAIN, NUM_EVAL = 128, 48
+
+
+def session_shards(tmp_path_factory, clip_seconds: float) -> tuple[Path, Path]:
+    """The session's mini AudioSet shards (one audio set; one shard set per clip length)."""
+    return build_shards(tmp_path_factory.getbasetemp() / "mini_audioset", NUM_TRAIN, NUM_EVAL, clip_seconds)
