@@ -182,6 +182,17 @@ class ResampledShardList(torch.utils.data.IterableDataset):
             yield {"url": self.urls[rng.randrange(len(self.urls))]}
 
 
+class ShardUrls(torch.utils.data.IterableDataset):
+    """A fixed, ordered list of shards as ``{"url": ...}`` (may be empty, unlike wds.SimpleShardList)."""
+
+    def __init__(self, urls: list[str]):
+        super().__init__()
+        self.urls = list(urls)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter([{"url": u} for u in self.urls])
+
+
 def _shuffle_stage(bufsize: int, initial: int, seed: int, epoch: int, rank: int):
     def stage(src):
         worker, _ = _worker()
@@ -338,7 +349,7 @@ def build_eval_loader(shards: ShardSet, batch_size: int, num_workers: int, norm:
     workers = min(num_workers, len(my_urls))
     counter = CorruptCounter()
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(my_urls) if my_urls else [],
+        ShardUrls(my_urls),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter),
         _decode_stage(shards.features, norm, shards.num_classes, counter),
