@@ -370,25 +370,15 @@ def convert_state_dict(reference_name: str, reference_sd: dict[str, torch.Tensor
 
 def _read_labels(path: str | Path, num_classes: int) -> list[dict[str, Any]]:
     """[{index, mid, name}] in class order from ``class_labels_indices.csv``."""
-    try:
-        from .labels import read_label_set
-    except ImportError:  # pragma: no cover - labels.py is part of the package; keep a plain reader
-        read_label_set = None
-    if read_label_set is not None:
-        try:
-            ls = read_label_set(path)
-        except ValueError as err:
-            raise ConversionError(str(err)) from None
-        mids, names = list(ls.mids), list(ls.names)
-    else:  # pragma: no cover
-        import csv
+    from .labels import read_label_set
 
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r and r[0].strip().isdigit()]
-        mids, names = [r[1].strip() for r in rows], [",".join(r[2:]).strip() for r in rows]
-    if len(names) != num_classes:
-        raise ConversionError(f"{path}: {len(names)} classes, but the checkpoint has {num_classes} outputs")
-    return [{"index": i, "mid": m, "name": n} for i, (m, n) in enumerate(zip(mids, names))]
+    try:
+        label_set = read_label_set(path)
+    except ValueError as err:  # LabelError: one line naming the file and line
+        raise ConversionError(str(err)) from None
+    if len(label_set) != num_classes:
+        raise ConversionError(f"{path}: {len(label_set)} classes, but the checkpoint has {num_classes} outputs")
+    return [{"index": i, "mid": m, "name": n} for i, (m, n) in enumerate(zip(label_set.mids, label_set.names))]
 
 
 def _sha256(path: Path) -> str:

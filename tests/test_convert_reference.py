@@ -29,6 +29,7 @@ from audioset_dcls.convert_reference import (
     ConversionError,
     convert_state_dict,
     main,
+    read_reference_checkpoint,
     reference_key_to_ours,
 )
 from audioset_dcls.features import FeatureConfig
@@ -265,11 +266,9 @@ def test_use_ema_converts_the_ema_weights(convnext_reference, tmp_path):
     model, info = load_model(tmp_path / "ema" / "run.safetensors", bake=False)
     assert torch.equal(model.state_dict()["head.fc.weight"], ema["head.weight"])
     assert info.extra["converted_from"]["weights"] == "model_ema"
+    no_ema = save_reference_checkpoint(tmp_path / "noema.pth", convnext_reference, "convnext_audio_tiny")
     with pytest.raises(ConversionError, match="no 'model_ema' entry"):
-        from audioset_dcls.convert_reference import read_reference_checkpoint
-
-        ckpt2 = save_reference_checkpoint(tmp_path / "noema.pth", convnext_reference, "convnext_audio_tiny")
-        read_reference_checkpoint(ckpt2, use_ema=True)
+        read_reference_checkpoint(no_ema, use_ema=True)
 
 
 class _WritesAFile:
