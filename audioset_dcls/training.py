@@ -308,6 +308,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if eval_set is not None and eval_set.features != train_set.features:
         raise DataError("data.train and data.eval were built with different feature configs")
     norm = resolve_normalization(cfg.data, train_set)
+    resume_from = _resume_path(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # accelerate runs a multi-process launch without CUDA as N independent single-process runs
     # unless the CPU is forced: force it (gloo) when there is no GPU.
@@ -320,7 +321,6 @@ def train(cfg: Config) -> dict[str, Any]:
                           "ACCELERATE_USE_CPU=1")
 
     accum = gradient_accumulation_steps(cfg.optim.batch_size, cfg.data.batch_size, world)
-    resume_from = _resume_path(cfg)
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
