@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,24 @@ sys.path.insert(0, str(REPO))
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss over fork + exec, so a worker started by a big parent would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _write_checkpoint(model_name: str, folder: Path, num_classes: int = 527) -> Path:
@@ -114,11 +132,26 @@ def long_worker(ckpt: str, audio: str, threads: int, hop: float, batch: int) -> 
     tagger = Tagger.from_checkpoint(ckpt, device="cpu", threads=threads, hop_seconds=hop, batch_size=batch)
     t_load = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
+    # Sample the current RSS while tagging: a bounded pipeline levels off early, one that holds
+    # the signal keeps growing until the end.
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            samples.append((time.perf_counter(), _current_rss_mb()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     c0, t0 = time.process_time(), time.perf_counter()
+    sampler.start()
     result = tagger.tag(audio)
     t_tag, c_tag = time.perf_counter() - t0, time.process_time() - c0
+    stop.set()
+    sampler.join()
+    quartiles = [max((r for t, r in samples if t - t0 <= q * t_tag), default=rss_loaded) for q in (0.25, 0.5, 0.75, 1.0)]
     print(json.dumps({"load_s": t_load, "tag_s": t_tag, "tag_cpu_s": c_tag, "windows": result.num_windows, "duration": result.duration,
-                      "rss_after_load_mb": rss_loaded, "peak_rss_mb": _peak_rss_mb()}))
+                      "rss_after_load_mb": rss_loaded, "peak_rss_mb": _peak_rss_mb(),
+                      "max_rss_by_quarter_mb": quartiles}))
 
 
 def bench_long(args: argparse.Namespace, folder: Path) -> None:
@@ -145,7 +178,8 @@ def bench_long(args: argparse.Namespace, folder: Path) -> None:
         print(f"{args.long_model}, {seconds / 60:.0f} min 44.1 kHz stereo FLAC, hop {args.hop:g} s, batch {args.batch}, "
               f"{args.threads} threads: tagged in {r['tag_s']:.1f} s ({r['windows']} windows, "
               f"{r['duration'] / r['tag_s']:.0f}x real time; CPU {r['tag_cpu_s']:.1f} s; load {r['load_s']:.1f} s); "
-              f"RSS after load {r['rss_after_load_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+              f"RSS after load {r['rss_after_load_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB; highest RSS by the end of "
+              f"each quarter of the run: {', '.join(f'{q:.0f}' for q in r['max_rss_by_quarter_mb'])} MB", flush=True)
     whole = args.long_seconds * 32000 * 4 / 1e6
     print(f"peak RSS growth from 2 min to {args.long_seconds / 60:.0f} min: "
           f"{rows[1]['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB "
