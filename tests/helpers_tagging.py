@@ -27,17 +27,26 @@ AUDIO_VARIANTS = [
 ]
 
 
-def write_checkpoint(path: Path, model_name: str = TINY_MODEL, seed: int = 0) -> Path:
-    """A random-weight checkpoint with the synthetic classes' label names."""
+def write_checkpoint(path: Path, model_name: str = TINY_MODEL, seed: int = 0, favour: int | None = None,
+                     labels: list[dict] | None = None) -> Path:
+    """A random-weight checkpoint with the synthetic classes' label names (or ``labels``).
+
+    ``favour=i`` sets the classifier bias to +10 for class i and -10 for the others, so the
+    top tag of any input is known: a check of the index -> label mapping end to end."""
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=len(CLASSES))
+    if favour is not None:
+        with torch.no_grad():
+            bias = model.get_classifier().bias
+            bias.fill_(-10.0)
+            bias[favour] = 10.0
     # Random DCLS positions spread the Gaussians over the kernel, so baked and unbaked forms
     # are compared on non-trivial kernels, not on the near-centre init.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("positions"):
                 p.uniform_(-8, 8)
-    info = CheckpointInfo(model_name=model_name, num_classes=len(CLASSES), labels=LABELS,
+    info = CheckpointInfo(model_name=model_name, num_classes=len(CLASSES), labels=labels or LABELS,
                           extra={"note": "random weights, for tests"})
     return save_inference_checkpoint(path, model.state_dict(), info)
 

@@ -143,6 +143,21 @@ def test_table_and_embeddings(capsys, checkpoint, folder, tmp_path):
     assert (tmp_path / "emb.paths.txt").read_text().splitlines() == [str(f) for f in files]
 
 
+def test_labels_come_from_the_checkpoint(capsys, folder, tmp_path):
+    """A checkpoint whose classifier favours class 5 and whose label list is its own: the top
+    tag of every file is that checkpoint's label 5 (name and mid), whatever the audio."""
+    labels = [{"index": i, "mid": f"/t/{i}", "name": f"Own label {i}"} for i in range(8)]
+    ckpt = write_checkpoint(tmp_path / "favour5.safetensors", favour=5, labels=labels)
+    code, out, _ = run(capsys, "--checkpoint", ckpt, folder / "nested", "--format", "jsonl", "--top-k", 2, "-q")
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == len(AUDIO_VARIANTS)
+    for r in records:
+        top = r["tags"][0]
+        assert (top["index"], top["mid"], top["name"]) == (5, "/t/5", "Own label 5") and top["score"] > 0.99
+        assert r["tags"][1]["score"] < 0.01
+
+
 def test_bad_options_and_missing_inputs(capsys, checkpoint, tmp_path):
     code, _, err = run(capsys, "--checkpoint", checkpoint, tmp_path, "-q")  # empty folder
     assert code == 1 and "no audio files" in err
