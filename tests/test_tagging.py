@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from audioset_dcls.features import AudioDecodeError, FeatureConfig, compute_logmel, load_audio
+from audioset_dcls.features import AudioDecodeError, compute_logmel, load_audio
 from audioset_dcls.models.dcls import DclsConv2d
 from audioset_dcls.tagging import (
     SlidingWindows,
