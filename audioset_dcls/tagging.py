@@ -202,6 +202,10 @@ def _array_blocks(audio: np.ndarray | torch.Tensor, sr: int, sample_rate: int) -
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim not in (1, 2) or audio.size == 0:
         raise ValueError(f"audio array must be (N,) or (N, channels) and non-empty, got shape {audio.shape}")
+    if audio.ndim == 2 and audio.shape[1] > audio.shape[0]:
+        # torchaudio and librosa(mono=False) give (channels, N); soundfile gives (N, channels)
+        raise ValueError(f"audio array of shape {audio.shape} looks like (channels, N); pass (N, channels) "
+                         "(e.g. audio.T) or a mono (N,) array")
     if not np.all(np.isfinite(audio)):
         raise ValueError("audio array contains NaN or infinite samples")
     yield to_mono_resampled(audio, sr, sample_rate)

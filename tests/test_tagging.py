@@ -191,6 +191,8 @@ def test_array_input_equals_file_and_needs_rate(tagger, tmp_path):
     np.testing.assert_allclose(from_tensor.scores, from_file.scores, atol=1e-6)
     with pytest.raises(ValueError, match="sample_rate"):
         tagger.tag(data)
+    with pytest.raises(ValueError, match=r"\(channels, N\)"):  # torchaudio's layout is refused, not misread
+        tagger.tag(data.T, sample_rate=sr)
 
 
 def test_mean_aggregate_and_hop(checkpoint, tmp_path):
