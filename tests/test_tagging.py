@@ -242,13 +242,16 @@ def test_failures_are_reported_and_others_go_on(tagger, audio_dir, tmp_path):
     corrupt.write_bytes(b"fLaC" + bytes(range(256)) * 8)
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
+    fake_m4a = tmp_path / "fake.m4a"  # ffmpeg-only container: without ffmpeg it says so, with it, it fails
+    fake_m4a.write_bytes(b"\x00\x00\x00\x18ftypM4A " + bytes(512))
     good = audio_dir / "mono32k.wav"
-    results = list(tagger.tag_many([good, corrupt, tmp_path / "missing.wav", empty, good]))
-    assert [r.ok for r in results] == [True, False, False, False, True]
+    results = list(tagger.tag_many([good, corrupt, tmp_path / "missing.wav", empty, fake_m4a, good]))
+    assert [r.ok for r in results] == [True, False, False, False, False, True]
     reasons = [r.reason for r in results if isinstance(r, TagFailure)]
     assert "unreadable audio" in reasons[0] and "no such file" in reasons[1] and "empty file" in reasons[2]
+    assert "ffmpeg" in reasons[3]
     assert all("\n" not in r for r in reasons)
-    np.testing.assert_array_equal(results[0].scores, results[4].scores)
+    np.testing.assert_array_equal(results[0].scores, results[5].scores)
     with pytest.raises(AudioDecodeError, match="corrupt.flac"):
         tagger.tag(corrupt)
 
