@@ -87,6 +87,10 @@ def save_inference_checkpoint(path: str | Path, state_dict: dict[str, torch.Tens
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info.to_dict())})
+    # safetensors creates files 0600 whatever the umask; a model is meant to be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return path
 
