@@ -344,7 +344,8 @@ class AudioIndex:
 
 
 def index_audio_dir(root: str | Path, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> AudioIndex:
-    """Walk ``root`` recursively (following no symlinked folders) and index audio files by stem.
+    """Walk ``root`` recursively (symlinked folders included, each real folder once) and index
+    audio files by stem.
 
     Files whose suffix (case-insensitive) is not in ``extensions`` are ignored, so partial
     downloads (``.part``, ``.tmp``) never match.
@@ -355,8 +356,16 @@ def index_audio_dir(root: str | Path, extensions: Iterable[str] = AUDIO_EXTENSIO
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     by_stem: dict[str, list[str]] = {}
     count = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # Data folders are often symlinks to other disks; skip any real folder seen before (cycles).
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in filenames:
             stem, ext = os.path.splitext(name)
             if ext.lower() in exts and not name.startswith("."):

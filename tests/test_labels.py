@@ -182,6 +182,20 @@ def test_audio_index_finds_common_layouts(tmp_path):
     assert index.find(layouts["-0RWZT-miFs.flac"]) == (tmp_path / "-0RWZT-miFs_420.wav", 2)
 
 
+def test_audio_index_follows_folder_symlinks_without_looping(tmp_path):
+    disk2 = tmp_path / "disk2"
+    (disk2 / "inner").mkdir(parents=True)
+    (disk2 / "inner" / "Yaaaaaaaaaaa.flac").write_bytes(b"x")
+    (disk2 / "inner" / "loop").symlink_to(disk2)  # a cycle
+    root = tmp_path / "audio"
+    root.mkdir()
+    (root / "unbalanced").symlink_to(disk2)
+    index = index_audio_dir(root)
+    assert index.num_files == 1
+    path, hits = index.find(Segment("aaaaaaaaaaa", 0.0, 10.0, ()))
+    assert hits == 1 and path.name == "Yaaaaaaaaaaa.flac" and path.is_file()
+
+
 def test_filename_pattern(tmp_path):
     seg = Segment("-0RWZT-miFs", 420.0, 430.0, ())
     assert resolve_pattern("Y{ytid}_{start:.3f}_{end:.3f}.wav", tmp_path, seg) == tmp_path / "Y-0RWZT-miFs_420.000_430.000.wav"
