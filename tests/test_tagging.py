@@ -326,3 +326,24 @@ def test_pickle_checkpoint_is_refused_without_running_code(tmp_path, suffix):
     assert not target.exists()
     torch.load(io.BytesIO(blob), weights_only=False)
     assert target.exists()
+
+
+@pytest.mark.parametrize("name", [v[0] for v in AUDIO_VARIANTS])
+def test_shard_features_equal_tagger_features(tagger, audio_dir, name):
+    """The shard builder's stored log-mel of a file (float16) equals the tagger's first window of
+    the same file cast to float16: training and tagging see the same features. (The 12 s file's
+    shard is its first 10 s, which is the tagger's first window.)"""
+    build = pytest.importorskip("preprocessing.build_shards", reason="the shard builder is not in this checkout")
+    from audioset_dcls.shards import decode_sample
+
+    path = audio_dir / name
+    result = build.process_clip(build.ClipTask(key="clip", path=str(path), labels=(1,), ytid="x", start=0.0, end=10.0),
+                                tagger.features)
+    assert result.kind == "ok", result.reason
+    stored = decode_sample(result.sample).logmel  # (128, 1001) float16
+    _, first = next(iter(tagger.windows(path)))
+    mine = tagger.windows_logmel(torch.from_numpy(first[None]))[0].numpy().astype(np.float16)
+    assert stored.dtype == np.float16 and stored.shape == mine.shape
+    # Bit-identical here; the tolerance allows one float16 step (0.06 dB at |x| ~ 100), in case
+    # a batched STFT rounds a float32 value across a float16 boundary on another machine.
+    np.testing.assert_allclose(stored.astype(np.float32), mine.astype(np.float32), rtol=1e-3, atol=1e-3)
