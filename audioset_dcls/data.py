@@ -279,11 +279,17 @@ def train_batches_per_rank(samples_per_epoch: int, batch_size: int, world_size: 
     return per_worker * workers
 
 
+_LABEL_COUNTS: dict[tuple[str, ...], np.ndarray] = {}
+
+
 def count_labels(shards: ShardSet) -> np.ndarray:
     """Positives per class (num_classes,) over a shard set, reading only the JSON members
-    (tar headers let the data members be skipped). Used by class-balanced sampling."""
+    (tar headers let the data members be skipped). Used by class-balanced sampling; counted
+    once per process (the manifest has no per-class counts), not once per epoch."""
     import tarfile
 
+    if shards.urls in _LABEL_COUNTS:
+        return _LABEL_COUNTS[shards.urls]
     counts = np.zeros(shards.num_classes, dtype=np.int64)
     for url in shards.urls:
         with tarfile.open(url, "r") as tar:
@@ -291,6 +297,7 @@ def count_labels(shards: ShardSet) -> np.ndarray:
                 if member.name.endswith("." + META_EXT):
                     labels = json.load(tar.extractfile(member))["labels"]
                     np.add.at(counts, labels, 1)
+    _LABEL_COUNTS[shards.urls] = counts
     return counts
 
 
