@@ -4,14 +4,12 @@ under pytest's base temp dir, so every test module of a session shares them).
 ``build_shards``: the synthetic mini AudioSet (audioset_dcls.synthetic, with its corrupt, empty
 and missing clips) through the real shard builder (preprocessing.build_shards, called in-process),
 optionally with a shorter clip so the multi-process tests stay fast (the FeatureConfig travels
-in the manifest).
-Without the builder, shards of the same synthetic sounds are written directly with
-``shards.encode_sample`` + ``webdataset.TarWriter``.
+in the manifest). ``write_direct_shards``: a few clips written directly with
+``shards.encode_sample`` + ``webdataset.TarWriter``, for tests that tamper with a tar.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,13 +22,9 @@ from audioset_dcls.synthetic import CLASSES, make_mini_audioset, synthesize_clip
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def have_builder() -> bool:
-    return importlib.util.find_spec("preprocessing.build_shards") is not None
-
-
 def write_direct_shards(out: Path, split: str, num: int, seed: int, features: FeatureConfig,
                         per_shard: int = 16) -> Path:
-    """Synthetic clips -> log-mel -> tars + sizes.json + manifest.json, without the builder."""
+    """Synthetic clips -> log-mel -> tars + sizes.json + manifest.json (the builder's manifest fields the loaders read)."""
     import webdataset as wds
 
     out.mkdir(parents=True, exist_ok=True)
@@ -67,23 +61,19 @@ def build_shards(root: Path, num_train: int, num_eval: int, clip_seconds: float,
     train_dir, eval_dir = out / "train", out / "eval"
     if (out / "DONE").is_file():
         return train_dir, eval_dir
-    features = FeatureConfig(clip_seconds=clip_seconds)
-    if have_builder():
-        from preprocessing.build_shards import BuildOptions, build_shards as run_builder
+    from preprocessing.build_shards import BuildOptions, build_shards as run_builder
 
-        audio = root / "audioset"
-        if not (audio / "DONE").is_file():
-            make_mini_audioset(audio, num_train=num_train, num_eval=num_eval, seed=seed, broken=True)
-            (audio / "DONE").write_text("ok")
-        labels_csv = audio / "class_labels_indices.csv"
-        segments = {"train": audio / "balanced_train_segments.csv", "eval": audio / "eval_segments.csv"}
-        for split, split_dir in (("train", train_dir), ("eval", eval_dir)):
-            run_builder(BuildOptions(segments=(segments[split],), labels=labels_csv, audio_dir=audio / "audio",
-                                     out=split_dir, split=split, workers=0, shard_size=per_shard, progress=False,
-                                     feature_config=features))
-    else:
-        write_direct_shards(train_dir, "train", num_train, seed, features, per_shard)
-        write_direct_shards(eval_dir, "eval", num_eval, seed + 1, features, per_shard)
+    features = FeatureConfig(clip_seconds=clip_seconds)
+    audio = root / "audioset"
+    if not (audio / "DONE").is_file():
+        make_mini_audioset(audio, num_train=num_train, num_eval=num_eval, seed=seed, broken=True)
+        (audio / "DONE").write_text("ok")
+    labels_csv = audio / "class_labels_indices.csv"
+    segments = {"train": audio / "balanced_train_segments.csv", "eval": audio / "eval_segments.csv"}
+    for split, split_dir in (("train", train_dir), ("eval", eval_dir)):
+        run_builder(BuildOptions(segments=(segments[split],), labels=labels_csv, audio_dir=audio / "audio",
+                                 out=split_dir, split=split, workers=0, shard_size=per_shard, progress=False,
+                                 feature_config=features))
     (out / "DONE").write_text("ok")
     return train_dir, eval_dir
 
