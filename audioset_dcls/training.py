@@ -298,8 +298,6 @@ def train(cfg: Config) -> dict[str, Any]:
     log = get_logger("audioset_dcls.train")
     out_dir = Path(cfg.train.output_dir)
     tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
-    # step_scheduler_with_optimizer=False: our schedule is in optimizer steps; accelerate would
-    # otherwise step it num_processes times per step.
     # Data first: a missing path should fail before any process group or model is built.
     train_set = open_shard_set(cfg.data.train, "data.train")
     eval_set = open_shard_set(cfg.data.eval, "data.eval") if cfg.data.eval else None
@@ -313,6 +311,8 @@ def train(cfg: Config) -> dict[str, Any]:
     # accelerate runs a multi-process launch without CUDA as N independent single-process runs
     # unless the CPU is forced: force it (gloo) when there is no GPU.
     force_cpu = launched > 1 and not torch.cuda.is_available()
+    # step_scheduler_with_optimizer=False: our schedule is in optimizer steps; accelerate would
+    # otherwise step it num_processes times per step.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, cpu=force_cpu,
                               project_dir=str(out_dir), step_scheduler_with_optimizer=False)
     rank, world = accelerator.process_index, accelerator.num_processes
