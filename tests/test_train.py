@@ -14,9 +14,11 @@ import csv
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_train(launcher: str, args: list[str], threads: int = 1) -> subprocess.CompletedProcess:
+def train_command(launcher: str, threads: int = 1) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     if launcher == "accelerate":  # --multi_gpu with the CPU forced: two real processes (gloo)
         env["ACCELERATE_USE_CPU"] = "1"
@@ -51,6 +53,11 @@ def run_train(launcher: str, args: list[str], threads: int = 1) -> subprocess.Co
                "--master_port", free_port(), "train.py"]
     else:
         cmd = [sys.executable, "train.py"]
+    return cmd, env
+
+
+def run_train(launcher: str, args: list[str], threads: int = 1) -> subprocess.CompletedProcess:
+    cmd, env = train_command(launcher, threads)
     return subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -169,6 +176,28 @@ def test_resume_after_interrupt_is_bitwise_exact(runs):
     ev_res = (root / "resumed" / "eval" / "results.jsonl").read_text().splitlines()
     assert ev_full == ev_res
     assert summary(root / "full")["param_checksums"] == summary(root / "resumed")["param_checksums"]
+
+
+def test_resume_after_sigkill_is_bitwise_exact(runs):
+    """Kill the whole job (SIGKILL, no clean-up) once its first checkpoint exists, wherever it
+    is then (training, evaluating or half-way through the next save), and resume it."""
+    root = runs["root"]
+    args = COMMON + [f"data.train={runs['train']}", f"data.eval={runs['eval']}", f"train.output_dir={root / 'killed'}"]
+    cmd, env = train_command("torchrun")
+    job = subprocess.Popen(cmd + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    latest = root / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert latest.is_file() and not (root / "killed" / "model.safetensors").exists()
+    log = check(run_train("torchrun", args + ["--resume"]))
+    assert "resumed from" in log
+    a = load_file(str(root / "full" / "model.safetensors"))
+    b = load_file(str(root / "killed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
 def test_final_checkpoint_describes_itself(runs):
