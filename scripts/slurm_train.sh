@@ -35,7 +35,6 @@ srun --kill-on-bad-exit=1 bash -c "
     --machine_rank \$SLURM_NODEID \
     --main_process_ip $main_addr \
     --main_process_port $main_port \
-    --rdzv_backend c10d \
     --mixed_precision no \
     --dynamo_backend no \
     train.py --config $config --resume $*
