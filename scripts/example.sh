@@ -24,7 +24,7 @@ run "$PY" -m preprocessing.build_shards --split eval \
 
 step "3/5  Train the tiny DCLS model on the CPU (a few minutes), evaluating mAP"
 run "$PY" train.py --config configs/tiny.yaml \
-  data.train="$OUT/shards/train" data.eval="$OUT/shards/eval" train.output_dir="$OUT/run"
+  model.name=convnext_atto_dcls data.train="$OUT/shards/train" data.eval="$OUT/shards/eval" train.output_dir="$OUT/run" train.progress_bar=false
 
 step "4/5  Tag two clips with the trained checkpoint"
 run "$PY" infer.py --checkpoint "$OUT/run/model.safetensors" --top-k 3 \
