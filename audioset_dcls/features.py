@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -29,6 +29,7 @@ __all__ = [
     "AudioDecodeError",
     "decode_audio",
     "load_audio",
+    "stream_audio",
     "to_mono_resampled",
     "pad_or_trim",
     "mel_filterbank",
@@ -124,25 +125,41 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     return np.frombuffer(proc.stdout, dtype=np.float32).copy(), int(m.group(1))
 
 
+def _check_audio_file(path: str | Path) -> Path:
+    """The checks every decode path starts with: the file exists and is not empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioDecodeError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioDecodeError(f"{path}: empty file (0 bytes)")
+    return path
+
+
+def _needs_ffmpeg(path: Path) -> bool:
+    return path.suffix.lower() in _FFMPEG_SUFFIXES
+
+
+def _unreadable(path: Path, err: BaseException) -> AudioDecodeError:
+    """One-line error for a file libsndfile rejects (it raises several exception types)."""
+    text = str(err).strip()
+    reason = text.splitlines()[-1] if text else type(err).__name__
+    return AudioDecodeError(f"{path}: unreadable audio ({reason})")
+
+
 def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """Decode a file to float32 samples at its native rate.
 
     Returns ``(samples, sample_rate)`` with samples of shape (N,) or (N, channels).
     Raises AudioDecodeError (one line, naming the file) for a missing, empty or corrupt file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AudioDecodeError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise AudioDecodeError(f"{path}: empty file (0 bytes)")
-    if path.suffix.lower() in _FFMPEG_SUFFIXES:
+    path = _check_audio_file(path)
+    if _needs_ffmpeg(path):
         data, sr = _decode_ffmpeg(path)
     else:
         try:
             data, sr = sf.read(str(path), dtype="float32", always_2d=False)
         except Exception as err:  # libsndfile reports corrupt/unknown files as several types
-            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            raise AudioDecodeError(f"{path}: unreadable audio ({reason})") from None
+            raise _unreadable(path, err) from None
     if data.size == 0:
         raise AudioDecodeError(f"{path}: no audio samples")
     if not np.all(np.isfinite(data)):
@@ -165,6 +182,53 @@ def to_mono_resampled(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray
     if sr != sample_rate:
         data = soxr.resample(data, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return data
+
+
+def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0) -> Iterator[np.ndarray]:
+    """Decode a file block by block to mono float32 at ``sample_rate``: yields (n,) arrays.
+
+    Concatenated, the blocks equal ``features.load_audio(path, sample_rate)`` (same downmix, same
+    soxr HQ resampler run as a stream). ffmpeg-only formats are decoded whole (one block).
+    Raises AudioDecodeError (one line, naming the file) for missing, empty or corrupt files.
+    """
+    path = _check_audio_file(path)
+    if _needs_ffmpeg(path):
+        data, sr = decode_audio(path)
+        yield to_mono_resampled(data, sr, sample_rate)
+        return
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as err:  # libsndfile reports corrupt/unknown files as several types
+        raise _unreadable(path, err) from None
+    with f:
+        sr = int(f.samplerate)
+        resampler = None if sr == sample_rate else soxr.ResampleStream(
+            sr, sample_rate, 1, dtype="float32", quality="HQ")
+        block = max(1, int(block_seconds * sr))
+        total = 0
+        while True:
+            try:
+                data = f.read(block, dtype="float32", always_2d=True)  # (n, channels)
+            except Exception as err:
+                raise _unreadable(path, err) from None
+            last = data.shape[0] < block
+            if data.shape[0]:
+                if not np.all(np.isfinite(data)):
+                    raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
+                # The front end's own downmix (row-wise, so independent of the block size);
+                # resampling is done here by the stream, hence the unchanged rate.
+                mono = to_mono_resampled(data, sr, sr)
+                total += mono.shape[0]
+            else:
+                mono = np.zeros(0, np.float32)
+            if resampler is not None:
+                mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
+            if mono.size:
+                yield np.ascontiguousarray(mono, dtype=np.float32)
+            if last:
+                break
+        if total == 0:
+            raise AudioDecodeError(f"{path}: no audio samples")
 
 
 def load_audio(path: str | Path, sample_rate: int = 32000) -> np.ndarray:

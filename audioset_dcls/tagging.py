@@ -39,12 +39,11 @@ import torch
 
 from .checkpoint import CheckpointInfo, load_model
 from .features import (
-    _FFMPEG_SUFFIXES,
     AudioDecodeError,
     FeatureConfig,
     LogMel,
-    decode_audio,
     pad_or_trim,
+    stream_audio,
     to_mono_resampled,
 )
 
@@ -140,60 +139,6 @@ class SlidingWindows:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[-1] if text else type(err).__name__
-
-
-def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0) -> Iterator[np.ndarray]:
-    """Decode a file block by block to mono float32 at ``sample_rate``: yields (n,) arrays.
-
-    Concatenated, the blocks equal ``features.load_audio(path, sample_rate)`` (same downmix, same
-    soxr HQ resampler run as a stream). ffmpeg-only formats are decoded whole (one block).
-    Raises AudioDecodeError (one line, naming the file) for missing, empty or corrupt files.
-    """
-    import soundfile as sf
-    import soxr
-
-    path = Path(path)
-    if not path.is_file():
-        raise AudioDecodeError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise AudioDecodeError(f"{path}: empty file (0 bytes)")
-    if path.suffix.lower() in _FFMPEG_SUFFIXES:
-        data, sr = decode_audio(path)
-        yield to_mono_resampled(data, sr, sample_rate)
-        return
-    try:
-        f = sf.SoundFile(str(path))
-    except Exception as err:  # libsndfile reports corrupt/unknown files as several types
-        raise AudioDecodeError(f"{path}: unreadable audio ({_first_line(err)})") from None
-    with f:
-        sr = int(f.samplerate)
-        resampler = None if sr == sample_rate else soxr.ResampleStream(
-            sr, sample_rate, 1, dtype="float32", quality="HQ")
-        block = max(1, int(block_seconds * sr))
-        total = 0
-        while True:
-            try:
-                data = f.read(block, dtype="float32", always_2d=True)  # (n, channels)
-            except Exception as err:
-                raise AudioDecodeError(f"{path}: unreadable audio ({_first_line(err)})") from None
-            last = data.shape[0] < block
-            if data.shape[0]:
-                if not np.all(np.isfinite(data)):
-                    raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
-                # The front end's own downmix (row-wise, so independent of the block size);
-                # resampling is done here by the stream, hence the unchanged rate.
-                mono = to_mono_resampled(data, sr, sr)
-                total += mono.shape[0]
-            else:
-                mono = np.zeros(0, np.float32)
-            if resampler is not None:
-                mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
-            if mono.size:
-                yield np.ascontiguousarray(mono, dtype=np.float32)
-            if last:
-                break
-        if total == 0:
-            raise AudioDecodeError(f"{path}: no audio samples")
 
 
 def _array_blocks(audio: np.ndarray | torch.Tensor, sr: int, sample_rate: int) -> Iterator[np.ndarray]:
