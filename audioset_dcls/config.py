@@ -285,7 +285,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"unknown config section {section!r} in override {item!r}")
         if name not in d[section]:
             raise ConfigError(f"unknown config key {section}.{name} in override {item!r}")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            # Not YAML (e.g. a path like "..." or "a: b"): the text itself; the field's type check
+            # below still rejects it where a number or list is expected.
+            value = raw
         if len(parts) > 2:  # into a dict field, e.g. model.kwargs.foo=1
             target = d[section][name]
             if not isinstance(target, dict):

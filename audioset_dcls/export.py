@@ -60,7 +60,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, include_normalizatio
     try:
         import onnx
     except ImportError:
-        raise RuntimeError("ONNX export needs onnx: pip install 'audioset-dcls[export]'") from None
+        raise RuntimeError("ONNX export needs onnx: pip install onnx onnxruntime (or the project's [export] extra)") from None
     model, info = load_model(checkpoint, bake=True, device="cpu")
     graph_model = NormalizedModel(model, info.normalization) if include_normalization else model
     graph_model.eval()

@@ -550,7 +550,7 @@ def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str
               features: FeatureConfig | None = None, max_columns: int = 4000) -> Path:
     """Draw the log-mel spectrogram of ``result.source`` with the top-``k`` tags over time.
 
-    Needs matplotlib (``pip install audioset-dcls[plot]``). The spectrogram is streamed and
+    Needs matplotlib (``pip install matplotlib``). The spectrogram is streamed and
     time-pooled to at most ``max_columns`` columns, so hours of audio stay cheap.
     """
     try:
@@ -559,7 +559,7 @@ def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'audioset-dcls[plot]'") from None
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)") from None
     cfg = features or FeatureConfig()
     spec = _streamed_spectrogram(audio_path or result.source, cfg, max_columns)
     tags = result.top(k)
