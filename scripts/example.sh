@@ -26,10 +26,17 @@ step "3/5  Train the tiny DCLS model on the CPU (a few minutes), evaluating mAP"
 run "$PY" train.py --config configs/tiny.yaml \
   model.name=convnext_atto_dcls data.train="$OUT/shards/train" data.eval="$OUT/shards/eval" train.output_dir="$OUT/run" train.progress_bar=false
 
-step "4/5  Tag two clips with the trained checkpoint"
-run "$PY" infer.py --checkpoint "$OUT/run/model.safetensors" --top-k 3 \
-  "$(find "$OUT/audioset/audio/eval" -name '*.flac' | sort | head -n 1)" \
-  "$(find "$OUT/audioset/audio/eval" -name '*.ogg' | sort | head -n 1)"
+step "4/5  Tag two eval clips with the trained checkpoint (their true labels follow)"
+clip_a=$(find "$OUT/audioset/audio/eval" -name '*.flac' | sort | head -n 1)
+clip_b=$(find "$OUT/audioset/audio/eval" -name '*.ogg' | sort | head -n 1)
+run "$PY" infer.py --checkpoint "$OUT/run/model.safetensors" --top-k 3 "$clip_a" "$clip_b"
+for clip in "$clip_a" "$clip_b"; do
+  # file name -> YouTube-style id: drop the extension, a leading Y on 12-char names, any _start suffix
+  id=$(basename "$clip"); id=${id%%.*}
+  if [ ${#id} -ge 12 ] && [ "${id:0:1}" = Y ]; then id=${id:1}; fi
+  id=${id:0:11}
+  echo "true labels of $(basename "$clip"): $(grep -F -- "$id," "$OUT/audioset/eval_segments.csv" | cut -d'"' -f2)"
+done
 
 step "5/5  Tag the whole eval folder to CSV"
 run "$PY" infer.py --checkpoint "$OUT/run/model.safetensors" --format csv --top-k 3 \
