@@ -2,17 +2,21 @@
 # The built-in example, end to end on the CPU, no downloads:
 #   synthetic AudioSet-format data -> log-mel shards -> train the tiny model -> mAP -> tag files.
 # Usage: bash scripts/example.sh [OUT_DIR]   (default: example_run/)
-# Uses $PYTHON (default: python) and the accelerate on PATH; scripts/quickstart.sh sets both up.
+# Uses $PYTHON (default: python); scripts/quickstart.sh sets it to the project's .venv.
+# EXAMPLE_TRAIN / EXAMPLE_EVAL / EXAMPLE_EPOCHS shrink the run (the test suite uses them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-example_run}
 PY=${PYTHON:-python}
+TRAIN_CLIPS=${EXAMPLE_TRAIN:-320}
+EVAL_CLIPS=${EXAMPLE_EVAL:-96}
+EPOCHS=${EXAMPLE_EPOCHS:-4}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
 step "1/5  Write a mini AudioSet (8 synthetic sound classes, mixed formats, 3 broken clips)"
-run "$PY" -m audioset_dcls.synthetic --out "$OUT/audioset" --train 320 --eval 96
+run "$PY" -m audioset_dcls.synthetic --out "$OUT/audioset" --train "$TRAIN_CLIPS" --eval "$EVAL_CLIPS"
 
 step "2/5  Build log-mel WebDataset shards (train: resumable, shuffled; eval: ordered)"
 run "$PY" -m preprocessing.build_shards --split train \
@@ -24,7 +28,7 @@ run "$PY" -m preprocessing.build_shards --split eval \
 
 step "3/5  Train the tiny DCLS model on the CPU (a few minutes), evaluating mAP"
 run "$PY" train.py --config configs/tiny.yaml \
-  model.name=convnext_atto_dcls data.train="$OUT/shards/train" data.eval="$OUT/shards/eval" train.output_dir="$OUT/run" train.progress_bar=false
+  model.name=convnext_atto_dcls schedule.epochs="$EPOCHS" data.train="$OUT/shards/train" data.eval="$OUT/shards/eval" train.output_dir="$OUT/run" train.progress_bar=false
 
 step "4/5  Tag two eval clips with the trained checkpoint (their true labels follow)"
 clip_a=$(find "$OUT/audioset/audio/eval" -name '*.flac' | sort | head -n 1)
