@@ -360,6 +360,14 @@ def train(cfg: Config) -> dict[str, Any]:
              f"clips/step; {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps}; "
              f"normalisation mean {norm.mean} std {norm.std}; mixed precision {cfg.train.mixed_precision}",
              main_process_only=True)
+    if world > 1:
+        # Every rank must load the same checkpoint: on a shared file system another writer (a
+        # straggler of the killed job, a slow metadata cache) can move `latest` between two
+        # ranks' reads, and ranks resumed at different steps deadlock or mismatch collectives.
+        from accelerate.utils import broadcast_object_list
+
+        chosen = broadcast_object_list([str(resume_from) if resume_from is not None else None], from_process=0)[0]
+        resume_from = Path(chosen) if chosen is not None else None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         log.info(f"resumed from {resume_from}: epoch {progress.epoch}, step {progress.step}, "

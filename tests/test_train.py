@@ -178,6 +178,31 @@ def test_resume_after_interrupt_is_bitwise_exact(runs):
     assert summary(root / "full")["param_checksums"] == summary(root / "resumed")["param_checksums"]
 
 
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (from /proc), children before grandchildren."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent_of.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_resume_after_sigkill_is_bitwise_exact(runs):
     """Kill the whole job (SIGKILL, no clean-up) once its first checkpoint exists, wherever it
     is then (training, evaluating or half-way through the next save), and resume it."""
@@ -190,8 +215,20 @@ def test_resume_after_sigkill_is_bitwise_exact(runs):
     deadline = time.monotonic() + 300
     while not latest.is_file() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
+    # torchrun starts each rank in a session of its own: killing the launcher's process group
+    # alone would leave the ranks training (and writing checkpoints) as orphans.
+    doomed = [job.pid] + _descendants(job.pid)
+    assert job.poll() is not None or len(doomed) >= 3, "expected torchrun and its two ranks"
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     job.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in doomed[1:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in doomed[1:]), "a rank of the killed job survived SIGKILL"
     assert latest.is_file() and not (root / "killed" / "model.safetensors").exists()
     log = check(run_train("torchrun", args + ["--resume"]))
     assert "resumed from" in log
