@@ -378,7 +378,7 @@ def _read_labels(path: str | Path, num_classes: int) -> list[dict[str, Any]]:
         raise ConversionError(str(err)) from None
     if len(label_set) != num_classes:
         raise ConversionError(f"{path}: {len(label_set)} classes, but the checkpoint has {num_classes} outputs")
-    return [{"index": i, "mid": m, "name": n} for i, (m, n) in enumerate(zip(label_set.mids, label_set.names))]
+    return label_set.to_records()
 
 
 def _sha256(path: Path) -> str:

@@ -41,6 +41,7 @@ import webdataset as wds
 
 from .config import DataConfig
 from .features import FeatureConfig, Normalization
+from .labels import LabelSet
 from .shards import META_EXT, decode_sample, list_shards, read_manifest
 
 log = logging.getLogger(__name__)
@@ -78,22 +79,6 @@ class ShardSet:
         return len(self.labels)
 
 
-def _manifest_labels(manifest: dict) -> list[dict]:
-    """[{"index", "mid", "name"}] from the builder's {"mids": [...], "names": [...]}."""
-    labels = manifest.get("labels") or {}
-    if isinstance(labels, dict):
-        mids, names = list(labels.get("mids", [])), list(labels.get("names", []))
-        return [{"index": i, "mid": m, "name": n} for i, (m, n) in enumerate(zip(mids, names))]
-    return [{"index": i, "mid": lab.get("mid", ""), "name": lab.get("name", "")} for i, lab in enumerate(labels)]
-
-
-def _manifest_count(shard: dict) -> int:
-    for k in ("count", "num_samples", "samples"):
-        if k in shard:
-            return int(shard[k])
-    raise DataError(f"manifest shard entry without a sample count: {shard}")
-
-
 def open_shard_set(path: str | Path, what: str) -> ShardSet:
     """Read and check a shard directory. ``what`` names it in errors (e.g. ``data.train``)."""
     if not str(path):
@@ -106,10 +91,10 @@ def open_shard_set(path: str | Path, what: str) -> ShardSet:
         paths = list_shards(root)
     except (FileNotFoundError, ValueError) as err:
         raise DataError(f"{what}={root}: {err}") from None
-    counts = [_manifest_count(s) for s in manifest["shards"]]
+    counts = [int(s["count"]) for s in manifest["shards"]]
     if not paths or sum(counts) == 0:
         raise DataError(f"{what}={root}: the manifest lists no samples (all clips skipped?)")
-    labels = _manifest_labels(manifest)
+    labels = LabelSet.from_dict(manifest["labels"]).to_records() if manifest.get("labels") else []
     if not labels:
         raise DataError(f"{what}={root}: the manifest has no label list")
     if "feature_config" not in manifest:

@@ -30,7 +30,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -107,6 +107,10 @@ class LabelSet:
     @classmethod
     def from_dict(cls, d: dict) -> "LabelSet":
         return cls(mids=tuple(d["mids"]), names=tuple(d["names"]))
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """``[{"index", "mid", "name"}]`` in class order: the form inference checkpoints store."""
+        return [{"index": i, "mid": m, "name": n} for i, (m, n) in enumerate(zip(self.mids, self.names))]
 
 
 def read_label_set(path: str | Path) -> LabelSet:
