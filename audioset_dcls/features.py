@@ -139,11 +139,15 @@ def _needs_ffmpeg(path: Path) -> bool:
     return path.suffix.lower() in _FFMPEG_SUFFIXES
 
 
+def error_line(err: BaseException) -> str:
+    """The last line of an error's message (where libraries put the cause), or its type name."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
 def _unreadable(path: Path, err: BaseException) -> AudioDecodeError:
     """One-line error for a file libsndfile rejects (it raises several exception types)."""
-    text = str(err).strip()
-    reason = text.splitlines()[-1] if text else type(err).__name__
-    return AudioDecodeError(f"{path}: unreadable audio ({reason})")
+    return AudioDecodeError(f"{path}: unreadable audio ({error_line(err)})")
 
 
 def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:

@@ -42,6 +42,7 @@ from .features import (
     AudioDecodeError,
     FeatureConfig,
     LogMel,
+    error_line,
     pad_or_trim,
     stream_audio,
     to_mono_resampled,
@@ -134,11 +135,6 @@ class SlidingWindows:
 # --------------------------------------------------------------------------------------------
 # Audio sources
 # --------------------------------------------------------------------------------------------
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[-1] if text else type(err).__name__
 
 
 def _array_blocks(audio: np.ndarray | torch.Tensor, sr: int, sample_rate: int) -> Iterator[np.ndarray]:
@@ -483,7 +479,7 @@ class Tagger:
             except Exception as err:
                 if _raise:
                     raise
-                reason = _first_line(err)
+                reason = error_line(err)
                 if reason.startswith(f"{name}: "):  # decode errors name the file; the record does too
                     reason = reason[len(name) + 2:]
                 job.error = reason
