@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import itertools
 import json
 import math
 import os
@@ -114,7 +115,12 @@ class ModelEma(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+        # parameters()/buffers() list each tensor once; state_dict() would repeat the DCLS
+        # positions and widths shared by a stage under every layer's key, and average them
+        # several times per step.
+        mine = itertools.chain(self.module.parameters(), self.module.buffers())
+        theirs = itertools.chain(model.parameters(), model.buffers())
+        for e, m in zip(mine, theirs, strict=True):
             if e.dtype.is_floating_point:
                 e.lerp_(m.detach().to(e.dtype), 1.0 - self.decay)
             else:

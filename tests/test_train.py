@@ -285,3 +285,22 @@ def test_tiny_model_learns_the_synthetic_classes_with_the_real_front_end(tmp_pat
     assert LEARNABLE_MAP >= 1.5 * chance  # the threshold really is well above chance on this eval set
     assert s["eval"]["mAP"] >= LEARNABLE_MAP, log[-2000:]
     print(f"learnability: mAP {s['eval']['mAP']:.3f} (threshold {LEARNABLE_MAP}), AUC {s['eval']['mAUC']:.3f}")
+
+
+def test_ema_averages_shared_dcls_positions_once_per_step():
+    from audioset_dcls.models import create_model
+    from audioset_dcls.training import ModelEma
+
+    torch.manual_seed(0)
+    model = create_model("convnext_atto_dcls", num_classes=8)
+    ema = ModelEma(model, decay=0.9)
+    before = {n: p.detach().clone() for n, p in ema.module.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    shared = [n for n in before if n.endswith(("positions", "widths"))]
+    assert shared, "no DCLS position/width parameters found"
+    for n, p in ema.module.named_parameters():
+        expected = before[n] * 0.9 + dict(model.named_parameters())[n].detach() * 0.1
+        assert torch.allclose(p, expected, atol=1e-6), n
