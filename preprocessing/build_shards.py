@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import json
@@ -285,8 +287,8 @@ def process_clip(task: ClipTask, cfg: FeatureConfig) -> ClipResult:
     if size == 0:
         return ClipResult("empty", task.path, f"{path}: empty file (0 bytes)")
     try:
-        data, sr = features.decode_audio(path)
-        wave = features.to_mono_resampled(data, sr, cfg.sample_rate)
+        mono, sr = features.decode_mono(path)
+        wave = features.resample(mono, sr, cfg.sample_rate)
         if not wave.any():
             return ClipResult("silent", task.path, f"{path}: every sample is zero")
         duration = wave.shape[0] / cfg.sample_rate
@@ -311,9 +313,28 @@ def process_clip(task: ClipTask, cfg: FeatureConfig) -> ClipResult:
 _WORKER_CFG: FeatureConfig | None = None
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to reuse freed memory instead of handing it back to the kernel.
+
+    Each clip allocates ~20 MB in buffers of 0.3-4 MB (decoded samples, spectrogram, ...). With
+    glibc's defaults most of them are mmap'ed and unmapped again, or trimmed off the heap, so
+    every clip page-faults ~1,200-1,900 fresh zeroed pages: 2.5-3.5 ms of a ~13 ms clip. Serving
+    buffers up to 32 MB from the heap and trimming it only above 256 MB keeps a worker's memory
+    flat (tens of MB) and those faults gone. Returns False where there is no glibc (no effect).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
 def _init_worker(cfg_dict: dict[str, Any]) -> None:
     global _WORKER_CFG
     torch.set_num_threads(1)  # one process per core; torch threads would fight over them
+    keep_freed_memory()
     _WORKER_CFG = FeatureConfig.from_dict(cfg_dict)
     features.compute_logmel(np.zeros(16, np.float32), _WORKER_CFG)  # build the filterbank once
 
@@ -865,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed, shuffle=not args.no_shuffle, pattern=args.pattern,
             unknown_mids=args.unknown_mids, verify=not args.no_verify, progress=not args.no_progress,
         )
+        keep_freed_memory()  # this process unpickles and writes every sample (or, with --workers 0, makes them)
         result = build_shards(opts)
     except (BuildError, LabelError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
