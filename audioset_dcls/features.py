@@ -14,6 +14,7 @@ import functools
 import re
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,12 +29,15 @@ __all__ = [
     "Normalization",
     "AudioDecodeError",
     "decode_audio",
+    "decode_mono",
+    "downmix",
+    "resample",
     "load_audio",
     "stream_audio",
     "to_mono_resampled",
     "pad_or_trim",
     "mel_filterbank",
-    "mel_bands",
+    "used_bins",
     "LogMel",
     "compute_logmel",
     "logmel_from_file",
@@ -164,15 +168,59 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
             data, sr = sf.read(str(path), dtype="float32", always_2d=False)
         except Exception as err:  # libsndfile reports corrupt/unknown files as several types
             raise _unreadable(path, err) from None
-    if data.size == 0:
-        raise AudioDecodeError(f"{path}: no audio samples")
-    if not np.all(np.isfinite(data)):
-        raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
+    _check_samples(path, data)
     return data, int(sr)
 
 
-def to_mono_resampled(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
-    """Downmix (N, C) or (N,) samples to mono and resample to ``sample_rate`` with soxr (HQ)."""
+def _check_samples(path: Path, data: np.ndarray) -> None:
+    if data.size == 0:
+        raise AudioDecodeError(f"{path}: no audio samples")
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
+
+
+# PCM subtypes whose samples fit in int16 exactly (libsndfile scales 8-bit ones by 256).
+_INT16_SUBTYPES = {"PCM_16", "PCM_S8", "PCM_U8"}
+
+
+def decode_mono(path: str | Path) -> tuple[np.ndarray, int]:
+    """Decode a file and downmix it: ``(mono float32 (N,), native sample rate)``.
+
+    Equal, bit for bit, to ``downmix(decode_audio(path)[0])``, and faster for 8/16-bit PCM
+    (most downloaded AudioSet FLAC/WAV): those are read as int16 and summed in integers, so the
+    float32 stereo array (3.5 MB for 10 s at 44.1 kHz) is never made. Integer sums of up to 256
+    channels are exact in float32 and the 1/32768 scale is a power of two, hence the equality.
+    """
+    path = _check_audio_file(path)
+    if _needs_ffmpeg(path):
+        return decode_audio(path)  # ffmpeg already downmixes
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = int(f.samplerate)
+            if f.subtype in _INT16_SUBTYPES and f.channels <= 256:
+                ints = f.read(dtype="int16", always_2d=True)  # (N, channels)
+            else:
+                ints, data = None, f.read(dtype="float32", always_2d=False)
+    except Exception as err:  # libsndfile reports corrupt/unknown files as several types
+        raise _unreadable(path, err) from None
+    if ints is None:
+        _check_samples(path, data)
+        return downmix(data), sr
+    _check_samples(path, ints)
+    mono = ints[:, 0].astype(np.float32)
+    for c in range(1, ints.shape[1]):
+        mono += ints[:, c]
+    channels = ints.shape[1]
+    if channels & (channels - 1) == 0:  # 1, 2, 4, ...: one exact power-of-two scale
+        mono *= np.float32(1.0 / (32768.0 * channels))
+    else:
+        mono *= np.float32(1.0 / 32768.0)
+        mono /= np.float32(channels)
+    return mono, sr
+
+
+def downmix(data: np.ndarray) -> np.ndarray:
+    """(N, C) or (N,) samples -> contiguous float32 mono (N,): the mean of the channels."""
     if data.ndim == 2:
         # Adding the channel columns is ~30x faster than ``data.mean(axis=1)`` on (N, 2) data
         # (numpy reduces a short trailing axis slowly) and gives the same values for stereo.
@@ -182,10 +230,19 @@ def to_mono_resampled(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray
         if data.shape[1] > 1:
             mono /= np.float32(data.shape[1])
         data = mono
-    data = np.ascontiguousarray(data, dtype=np.float32)
-    if sr != sample_rate:
-        data = soxr.resample(data, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
-    return data
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def resample(mono: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
+    """Mono float32 (N,) at ``sr`` -> ``sample_rate`` with soxr HQ (no copy when the rates agree)."""
+    if sr == sample_rate:
+        return mono
+    return soxr.resample(mono, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def to_mono_resampled(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
+    """Downmix (N, C) or (N,) samples to mono and resample to ``sample_rate`` with soxr (HQ)."""
+    return resample(downmix(data), sr, sample_rate)
 
 
 def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0) -> Iterator[np.ndarray]:
@@ -220,8 +277,8 @@ def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0
                 if not np.all(np.isfinite(data)):
                     raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
                 # The front end's own downmix (row-wise, so independent of the block size);
-                # resampling is done here by the stream, hence the unchanged rate.
-                mono = to_mono_resampled(data, sr, sr)
+                # the stream below resamples.
+                mono = downmix(data)
                 total += mono.shape[0]
             else:
                 mono = np.zeros(0, np.float32)
@@ -237,8 +294,8 @@ def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0
 
 def load_audio(path: str | Path, sample_rate: int = 32000) -> np.ndarray:
     """Decode any supported file to mono float32 at ``sample_rate``, full length: (N,)."""
-    data, sr = decode_audio(path)
-    return to_mono_resampled(data, sr, sample_rate)
+    mono, sr = decode_mono(path)
+    return resample(mono, sr, sample_rate)
 
 
 def pad_or_trim(wave: np.ndarray | torch.Tensor, num_samples: int):
@@ -282,63 +339,75 @@ def mel_filterbank(cfg: FeatureConfig) -> torch.Tensor:
     )
 
 
-def mel_bands(fb: torch.Tensor, rows_per_band: int = 8) -> list[tuple[int, int, int, int]]:
-    """Split a filterbank (n_mels, F) into row bands and the frequency-bin span each one touches.
-
-    Returns ``[(row_start, row_stop, bin_start, bin_stop), ...]`` covering every row. A mel
-    filter is non-zero only over a few bins, so multiplying each band of 8 rows by its own bin
-    span does ~7% of the dense product's work with exactly the same non-zero terms.
-    """
-    nonzero = (fb != 0).cpu()
-    bands = []
-    for r0 in range(0, fb.shape[0], rows_per_band):
-        r1 = min(fb.shape[0], r0 + rows_per_band)
-        cols = nonzero[r0:r1].any(dim=0).nonzero().flatten()
-        c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
-        bands.append((r0, r1, c0, c1))
-    return bands
+def used_bins(fb: torch.Tensor) -> tuple[int, int]:
+    """``(lo, hi)``: the frequency bins some filter of ``fb`` (n_mels, F) uses (2..447 of 513 by default)."""
+    cols = (fb != 0).any(dim=0).nonzero().flatten()
+    return (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
 
 
 class LogMel(torch.nn.Module):
     """Waveform (B, N) or (N,) at cfg.sample_rate -> log-mel in dB, (B, n_mels, T) or (n_mels, T).
 
-    T = 1 + N // hop. Works on any device; the filterbank and window are buffers. The mel
-    product skips the filterbank's zeros (see ``mel_bands``); the result equals ``fb @ power``.
+    T = 1 + N // hop; always computed in float32. Works on any device (the filterbank and window
+    are buffers). On the CPU, where the shard builder spends a quarter of its time here, frames go
+    through in chunks of ``cpu_chunk_frames`` so each chunk's spectrum stays in cache, and the mel
+    product skips the filterbank's zeros (a CSR matrix: 881 of 57,088 weights are non-zero). The
+    values equal the plain ``fb @ |stft|^2`` computation to float rounding (tests check both).
     """
+
+    cpu_chunk_frames = 128
 
     def __init__(self, cfg: FeatureConfig = FeatureConfig()):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("window", torch.hann_window(cfg.win_length, periodic=True), persistent=False)
-        self.register_buffer("fb", mel_filterbank(cfg), persistent=False)
-        self.bands = mel_bands(self.fb)
-        spans = [(c0, c1) for _, _, c0, c1 in self.bands if c1 > c0]
-        # Only bins some filter uses get a power value (bins 2..447 of 513 by default).
-        self.bin_lo = min((c0 for c0, _ in spans), default=0)
-        self.bin_hi = max((c1 for _, c1 in spans), default=0)
+        fb = mel_filterbank(cfg)
+        self.bin_lo, self.bin_hi = used_bins(fb)
+        self.register_buffer("fb", fb[:, self.bin_lo : self.bin_hi].contiguous(), persistent=False)
+        self._fb_csr: torch.Tensor | None = None
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = _reflect_pad(wave.float(), self.cfg.n_fft // 2)  # == torch.stft(center=True, "reflect")
+        mel = self._mel_cpu(x) if x.device.type == "cpu" else self.fb @ self._power(x)
+        return 10.0 * torch.log10(mel.clamp_min(self.cfg.amin))
+
+    def _power(self, padded: torch.Tensor) -> torch.Tensor:
+        """Power spectrum of the used bins: (..., n) -> (..., bin_hi - bin_lo, frames)."""
         cfg = self.cfg
-        spec = torch.stft(
-            wave.float(),
-            n_fft=cfg.n_fft,
-            hop_length=cfg.hop_length,
-            win_length=cfg.win_length,
-            window=self.window,
-            center=True,
-            pad_mode="reflect",
-            return_complex=True,
-        )
-        lo = self.bin_lo
-        spec = spec[..., lo : self.bin_hi, :]
-        power = spec.real.square() + spec.imag.square()  # (..., F_used, T)
-        mel = torch.cat(
-            [torch.matmul(self.fb[r0:r1, c0:c1], power[..., c0 - lo : c1 - lo, :]) if c1 > c0
-             else power.new_zeros(power.shape[:-2] + (r1 - r0, power.shape[-1]))
-             for r0, r1, c0, c1 in self.bands],
-            dim=-2,
-        )  # (..., n_mels, T)
-        return 10.0 * torch.log10(mel.clamp_min(cfg.amin))
+        spec = torch.stft(padded, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+                          window=self.window, center=False, return_complex=True)
+        spec = spec[..., self.bin_lo : self.bin_hi, :]
+        return spec.real.square() + spec.imag.square()
+
+    def _mel_cpu(self, padded: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        chunk = chunk or self.cpu_chunk_frames
+        if self._fb_csr is None:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
+                warnings.simplefilter("ignore", UserWarning)
+                self._fb_csr = self.fb.cpu().to_sparse_csr()
+        lead, n = padded.shape[:-1], padded.shape[-1]
+        x = padded.reshape(-1, n)
+        frames = 1 + (n - cfg.n_fft) // cfg.hop_length
+        out = x.new_empty(x.shape[0], cfg.n_mels, frames)
+        for t0 in range(0, frames, chunk):
+            t1 = min(frames, t0 + chunk)
+            power = self._power(x[:, t0 * cfg.hop_length : (t1 - 1) * cfg.hop_length + cfg.n_fft])
+            for b in range(x.shape[0]):
+                out[b, :, t0:t1] = self._fb_csr @ power[b]
+        return out.reshape(*lead, cfg.n_mels, frames)
+
+
+def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Reflect-pad the last axis by ``pad`` on both sides, as ``torch.stft(center=True)`` does.
+
+    One copy of the signal plus two short flipped edges: ~3x faster than ``F.pad(mode="reflect")``
+    on a 10 s clip (0.1 vs 0.3 ms), which matters at 13 ms per clip in the shard builder.
+    """
+    n = x.shape[-1]
+    if n <= pad:
+        raise ValueError(f"signal of {n} samples is too short to reflect-pad by {pad} (needs > {pad})")
+    return torch.cat([x[..., 1 : pad + 1].flip(-1), x, x[..., n - pad - 1 : n - 1].flip(-1)], dim=-1)
 
 
 @functools.lru_cache(maxsize=4)

@@ -70,19 +70,34 @@ def test_filterbank_is_librosa_htk_without_norm(sr, n_fft, n_mels, f_min, f_max)
     np.testing.assert_array_equal(features.mel_filterbank(cfg).numpy(), ref)
 
 
-def test_banded_mel_product_equals_dense_product():
+@pytest.mark.parametrize("chunk", [None, 7, 1001, 5000])
+def test_logmel_equals_the_plain_dense_computation(chunk):
+    """The CPU path (chunked frames, sparse mel product) and the path other devices take (one
+    dense product) both equal 10 log10(fb @ |stft(center=True)|^2) with the full filterbank."""
     lm = LogMel(CFG)
-    wave = torch.from_numpy(_noise(3.0))
+    wave = torch.from_numpy(np.stack([_noise(3.0), _tone(3.0)]))
     spec = torch.stft(wave, CFG.n_fft, CFG.hop_length, CFG.win_length, lm.window, center=True,
                       pad_mode="reflect", return_complex=True)
-    dense = 10 * torch.log10((lm.fb @ spec.abs().square()).clamp_min(CFG.amin))
-    torch.testing.assert_close(lm(wave), dense, atol=1e-4, rtol=0)
-    # every non-zero filter weight lies inside its band's bin span
-    covered = torch.zeros_like(lm.fb, dtype=torch.bool)
-    for r0, r1, c0, c1 in lm.bands:
-        covered[r0:r1, c0:c1] = True
-    assert bool(covered[lm.fb != 0].all())
-    assert lm.bands[0][0] == 0 and lm.bands[-1][1] == CFG.n_mels
+    full_fb = features.mel_filterbank(CFG)
+    dense = 10 * torch.log10((full_fb @ spec.abs().square()).clamp_min(CFG.amin))
+    padded = features._reflect_pad(wave, CFG.n_fft // 2)
+    cpu = 10 * torch.log10(lm._mel_cpu(padded, chunk).clamp_min(CFG.amin))
+    other = 10 * torch.log10((lm.fb @ lm._power(padded)).clamp_min(CFG.amin))
+    assert cpu.shape == other.shape == dense.shape == (2, 128, 301)
+    torch.testing.assert_close(cpu, dense, atol=1e-4, rtol=0)
+    torch.testing.assert_close(other, dense, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lm(wave), cpu, atol=0, rtol=0)
+    # the bins left out carry no filter weight
+    assert not full_fb[:, : lm.bin_lo].any() and not full_fb[:, lm.bin_hi :].any()
+    assert full_fb[:, lm.bin_lo].any() and full_fb[:, lm.bin_hi - 1].any()
+
+
+def test_reflect_pad_is_stft_centering():
+    x = torch.randn(2, 3, 2000)
+    torch.testing.assert_close(features._reflect_pad(x, 512),
+                               torch.nn.functional.pad(x, (512, 512), mode="reflect"), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="too short"):
+        features._reflect_pad(torch.zeros(512), 512)
 
 
 def test_logmel_batched_equals_single():
@@ -122,6 +137,25 @@ def test_stereo_file_is_downmixed(tmp_path):
     np.testing.assert_allclose(mono, (left + right) / 2, atol=1e-7)
     three = np.stack([left, right, left * 0.5], axis=1)
     np.testing.assert_allclose(features.to_mono_resampled(three, 32000, 32000), three.mean(axis=1), atol=1e-7)
+
+
+@pytest.mark.parametrize("subtype,channels,fmt", [
+    ("PCM_16", 2, "FLAC"), ("PCM_16", 1, "WAV"), ("PCM_16", 6, "WAV"), ("PCM_U8", 2, "WAV"),
+    ("PCM_24", 2, "FLAC"), ("FLOAT", 2, "WAV"), ("VORBIS", 2, "OGG"),
+])
+def test_decode_mono_equals_float_decode_then_downmix(tmp_path, subtype, channels, fmt):
+    """The int16 fast path (8/16-bit PCM) must give exactly the float path's samples."""
+    rng = np.random.default_rng(channels)
+    x = np.clip(0.3 * rng.standard_normal((44100, channels)), -1, 1).astype(np.float32)
+    x[:50] = [1.0] + [-1.0] * (channels - 1)  # full scale, where rounding would show first
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, x, 44100, format=fmt, subtype=subtype)
+    mono, sr = features.decode_mono(path)
+    data, sr_ref = features.decode_audio(path)
+    assert sr == sr_ref == 44100 and mono.dtype == np.float32 and mono.shape == (44100,)
+    np.testing.assert_array_equal(mono, features.downmix(data))
+    if channels == 6:  # sanity: it really is the channel mean
+        np.testing.assert_allclose(mono, data.mean(axis=1), atol=1e-6)
 
 
 @pytest.mark.parametrize("sr", [44100, 16000])
