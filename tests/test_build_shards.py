@@ -366,3 +366,28 @@ def test_cli_killed_mid_run_resumes(dataset, tmp_path):
     manifest = read_manifest(out)
     assert manifest["num_samples"] == len(GOOD) and manifest["build"]["num_slots"] == 11
     assert {s["ytid"] for s in manifest["skipped"]} == set(BAD) | {"-aaaaaaaaaa"}
+
+
+def test_keep_freed_memory_stops_per_buffer_page_faults():
+    """The builder's allocator setting: a 4 MB buffer allocated and freed per clip must not
+    fault in fresh pages every time (it did: ~1,000 faults per buffer with glibc's defaults)."""
+    code = """
+import resource, sys
+import numpy as np
+from preprocessing.build_shards import keep_freed_memory
+def faults():
+    np.ones(1 << 20, np.float32)  # warm up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        np.ones(1 << 20, np.float32)  # 4 MB, written then freed
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+default = faults()
+assert keep_freed_memory()
+tuned = faults()
+print(default, tuned)
+assert default > 500 and tuned < 50, (default, tuned)
+"""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc malloc settings are Linux-only")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
