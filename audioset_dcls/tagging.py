@@ -290,6 +290,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> bf16 on a CUDA device that supports it, else fp32.
+
+    bf16/fp16 run the model under ``torch.autocast`` (the front end stays float32). On the CPU,
+    bf16 pays off only with native bf16 instructions (AVX512-BF16 or AMX: ConvNeXt-T 2.8-3.2x,
+    ConvFormer-S18 1.3x, FastViT-SA24 1.25x faster than fp32 on the AMD EPYC of
+    benchmarks/RESULTS.md); without them oneDNN emulates it, slower than fp32. fp16 is CUDA-only.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a CUDA device; on the CPU use bf16 (or fp32)")
+    return precision
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """True/False from the CPU flags (avx512_bf16 or amx_bf16) on Linux; None where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return None
+
+
 def set_cpu_threads(threads: int | None) -> int:
     """Set PyTorch's intra-op thread count (process-wide) and return the value now in effect.
 
@@ -327,12 +360,14 @@ class Tagger:
         hop_seconds: float | None = None,
         aggregate: str = "max",
         block_seconds: float = 30.0,
+        precision: str = "fp32",
     ):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.info = info
         self.features: FeatureConfig = info.features
@@ -356,17 +391,20 @@ class Tagger:
         aggregate: str = "max",
         threads: int | None = None,
         bake: bool = True,
+        precision: str = "auto",
     ) -> "Tagger":
         """Load a safetensors inference checkpoint (never unpickles) and build a tagger.
 
         ``hop_seconds`` defaults to the clip length (non-overlapping windows); ``threads`` sets
         PyTorch's CPU thread count for the whole process (see :func:`set_cpu_threads`);
-        ``bake=False`` keeps DCLS layers in training form (same scores, slower).
+        ``bake=False`` keeps DCLS layers in training form (same scores, slower); ``precision``:
+        see :func:`resolve_precision` (auto: bf16 on CUDA, fp32 on the CPU).
         """
         set_cpu_threads(threads)
         dev = resolve_device(device)
         model, info = load_model(path, bake=bake, device=dev)
-        return cls(model, info, device=dev, batch_size=batch_size, hop_seconds=hop_seconds, aggregate=aggregate)
+        return cls(model, info, device=dev, batch_size=batch_size, hop_seconds=hop_seconds, aggregate=aggregate,
+                   precision=precision)
 
     @property
     def hop_samples(self) -> int:
@@ -382,15 +420,17 @@ class Tagger:
         Log-mel and normalisation run on the tagger's device; scores are sigmoid probabilities;
         embeddings are the pooled pre-logit features (``forward_head(pre_logits=True)``).
         """
-        x = self.logmel(waves.to(self.device, non_blocking=True))  # (B, n_mels, T)
+        x = self.logmel(waves.to(self.device, non_blocking=True))  # (B, n_mels, T), float32
         x = self.info.normalization.apply(x).unsqueeze(1)  # (B, 1, n_mels, T)
-        if embeddings:
-            feats = self.model.forward_features(x)
-            emb = self.model.forward_head(feats, pre_logits=True).flatten(1)
-            logits = self.model.forward_head(feats)
-        else:
-            emb = None
-            logits = self.model(x)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            if embeddings:
+                feats = self.model.forward_features(x)
+                emb = self.model.forward_head(feats, pre_logits=True).flatten(1).float()
+                logits = self.model.forward_head(feats)
+            else:
+                emb = None
+                logits = self.model(x)
         return torch.sigmoid(logits.float()), emb
 
     def windows_logmel(self, waves: torch.Tensor) -> torch.Tensor:

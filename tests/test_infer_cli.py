@@ -88,6 +88,7 @@ def test_json_document_and_per_window_timestamps(capsys, checkpoint, folder, tmp
     assert code == 0 and out == ""
     doc = json.loads(out_file.read_text())
     assert doc["model"] == "convnext_atto_dcls" and doc["hop_seconds"] == 5.0 and doc["aggregate"] == "max"
+    assert doc["precision"] == "fp32"  # auto on the CPU
     long, short = doc["results"]
     assert long["num_windows"] == 6 and long["duration"] == 35.0
     assert [(w["start"], w["end"]) for w in long["windows"]] == [(s, s + 10.0) for s in (0, 5, 10, 15, 20, 25)]
@@ -97,6 +98,16 @@ def test_json_document_and_per_window_timestamps(capsys, checkpoint, folder, tmp
     best = max(t["score"] for w in long["windows"] for t in w["tags"])
     assert long["tags"][0]["score"] == pytest.approx(best)
     assert short["num_windows"] == 1 and [(w["start"], w["end"]) for w in short["windows"]] == [(0.0, 3.0)]
+
+
+def test_precision_option(capsys, checkpoint, folder, tmp_path):
+    out_file = tmp_path / "tags.json"
+    code, _, err = run(capsys, "--checkpoint", checkpoint, folder / "long35.wav", "--format", "json",
+                       "--output", out_file, "--precision", "bf16")
+    assert code == 0 and "bf16" in err
+    assert json.loads(out_file.read_text())["precision"] == "bf16"
+    code, _, err = run(capsys, "--checkpoint", checkpoint, folder / "long35.wav", "--precision", "fp16")
+    assert code == 2 and "fp16 needs a CUDA device" in err and "\n" not in err.strip()
 
 
 def test_csv_schema_threshold_and_list_file(capsys, checkpoint, folder, tmp_path):

@@ -19,6 +19,7 @@ from audioset_dcls.tagging import (
     TagFailure,
     expand_inputs,
     resolve_device,
+    resolve_precision,
     set_cpu_threads,
     stream_audio,
     window_starts,
@@ -286,12 +287,32 @@ def test_threads_and_devices(checkpoint, keep_threads):
             resolve_device("cuda")
 
 
+def test_precision_choice_and_bf16_on_cpu(checkpoint, audio_dir):
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int8", cpu)
+    path = audio_dir / "stereo44k.flac"
+    fp32 = Tagger.from_checkpoint(checkpoint, device="cpu")
+    bf16 = Tagger.from_checkpoint(checkpoint, device="cpu", precision="bf16")
+    assert fp32.precision == "fp32" and bf16.precision == "bf16"
+    a, b = fp32.tag(path, embeddings=True), bf16.tag(path, embeddings=True)
+    assert b.embedding.dtype == np.float32
+    diff = np.abs(a.window_scores - b.window_scores).max()
+    assert 0 < diff < 0.02, diff  # bf16 really ran, and stays close to fp32
+    assert list(np.argsort(-a.scores)[:3]) == list(np.argsort(-b.scores)[:3])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(checkpoint, audio_dir):
     path = audio_dir / "stereo44k.flac"
     cpu = Tagger.from_checkpoint(checkpoint, device="cpu").tag(path)
-    gpu = Tagger.from_checkpoint(checkpoint, device="cuda").tag(path)
+    gpu = Tagger.from_checkpoint(checkpoint, device="cuda", precision="fp32").tag(path)
     np.testing.assert_allclose(gpu.window_scores, cpu.window_scores, rtol=0, atol=2e-3)
+    bf16 = Tagger.from_checkpoint(checkpoint, device="cuda").tag(path)  # auto: bf16 on CUDA
+    np.testing.assert_allclose(bf16.window_scores, cpu.window_scores, rtol=0, atol=2e-2)
 
 
 # ---- safe loading ---------------------------------------------------------------------------
