@@ -97,15 +97,19 @@ def bench_models(args: argparse.Namespace, folder: Path) -> None:
               args.batch: torch.randn(args.batch, 1, cfg.n_mels, cfg.num_frames)}
     wave = {1: torch.randn(1, cfg.clip_samples) * 0.1, args.batch: torch.randn(args.batch, cfg.clip_samples) * 0.1}
     times: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    bf16 = args.precision == "bf16"  # the models under CPU autocast, as `infer.py --precision bf16`
+    print(f"# model precision: {args.precision} (the front end is always float32)")
     with torch.inference_mode():
         for batch, repeats in ((1, args.repeats), (args.batch, max(2, args.repeats // 2))):
             for key, module in forms.items():  # warm-up: oneDNN builds kernels on the first calls of a shape
                 for _ in range(2 if batch == 1 else 1):
-                    module(wave[batch] if key[0] == "front end" else inputs[batch])
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and key[0] != "front end"):
+                        module(wave[batch] if key[0] == "front end" else inputs[batch])
             for _ in range(repeats):
                 for key, module in forms.items():
                     x = wave[batch] if key[0] == "front end" else inputs[batch]
-                    times.setdefault((*key, batch), []).append(_timed(module, x))
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and key[0] != "front end"):
+                        times.setdefault((*key, batch), []).append(_timed(module, x))
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
     print(f"{'model':<22} {'form':<9} {'batch1 ms/clip':>15} {'(cpu ms)':>9} "
           f"{f'batch{args.batch} clips/s':>16} {'(clips/cpu-s x threads)':>24}")
@@ -124,12 +128,13 @@ def bench_models(args: argparse.Namespace, folder: Path) -> None:
             print(f"ratio {name} unbaked / baked at batch 1: wall {med[(name, 'unbaked', 1)][0] / med[(name, 'baked', 1)][0]:.2f}x")
 
 
-def long_worker(ckpt: str, audio: str, threads: int, hop: float, batch: int) -> None:
+def long_worker(ckpt: str, audio: str, threads: int, hop: float, batch: int, precision: str) -> None:
     """Runs in a fresh process: load, tag one file, print JSON with times and peak RSS."""
     from audioset_dcls.tagging import Tagger
 
     t0 = time.perf_counter()
-    tagger = Tagger.from_checkpoint(ckpt, device="cpu", threads=threads, hop_seconds=hop, batch_size=batch)
+    tagger = Tagger.from_checkpoint(ckpt, device="cpu", threads=threads, hop_seconds=hop, batch_size=batch,
+                                    precision=precision)
     t_load = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
     # Sample the current RSS while tagging: a bounded pipeline levels off early, one that holds
@@ -169,13 +174,14 @@ def bench_long(args: argparse.Namespace, folder: Path) -> None:
                 f.write(np.concatenate([x, 0.5 * x], axis=1))
         proc = subprocess.run(
             [sys.executable, __file__, "--worker-long", str(ckpt), str(path), "--threads", str(args.threads),
-             "--hop", str(args.hop), "--batch", str(args.batch)],
+             "--hop", str(args.hop), "--batch", str(args.batch), "--precision", args.precision],
             capture_output=True, text=True, check=True,
             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
         )
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{args.long_model}, {seconds / 60:.0f} min 44.1 kHz stereo FLAC, hop {args.hop:g} s, batch {args.batch}, "
+        print(f"{args.long_model} ({args.precision}), {seconds / 60:.0f} min 44.1 kHz stereo FLAC, hop {args.hop:g} s, "
+              f"batch {args.batch}, "
               f"{args.threads} threads: tagged in {r['tag_s']:.1f} s ({r['windows']} windows, "
               f"{r['duration'] / r['tag_s']:.0f}x real time; CPU {r['tag_cpu_s']:.1f} s; load {r['load_s']:.1f} s); "
               f"RSS after load {r['rss_after_load_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB; highest RSS by the end of "
@@ -195,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-model", default="convnext_tiny_dcls")
     p.add_argument("--long-seconds", type=float, default=600.0)
     p.add_argument("--hop", type=float, default=10.0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="model arithmetic on the CPU (bf16: torch.autocast, as infer.py --precision bf16)")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-long", action="store_true")
     p.add_argument("--worker-long", nargs=2, metavar=("CKPT", "AUDIO"), help=argparse.SUPPRESS)
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.worker_long:
-        long_worker(*args.worker_long, threads=args.threads, hop=args.hop, batch=args.batch)
+        long_worker(*args.worker_long, threads=args.threads, hop=args.hop, batch=args.batch, precision=args.precision)
         return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible")
     with tempfile.TemporaryDirectory() as tmp:
