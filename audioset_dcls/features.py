@@ -175,6 +175,10 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
 def _check_samples(path: Path, data: np.ndarray) -> None:
     if data.size == 0:
         raise AudioDecodeError(f"{path}: no audio samples")
+    _check_finite(path, data)
+
+
+def _check_finite(path: Path, data: np.ndarray) -> None:
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
 
@@ -191,9 +195,9 @@ def decode_mono(path: str | Path) -> tuple[np.ndarray, int]:
     float32 stereo array (3.5 MB for 10 s at 44.1 kHz) is never made. Integer sums of up to 256
     channels are exact in float32 and the 1/32768 scale is a power of two, hence the equality.
     """
-    path = _check_audio_file(path)
-    if _needs_ffmpeg(path):
+    if _needs_ffmpeg(Path(path)):
         return decode_audio(path)  # ffmpeg already downmixes
+    path = _check_audio_file(path)
     try:
         with sf.SoundFile(str(path)) as f:
             sr = int(f.samplerate)
@@ -207,20 +211,13 @@ def decode_mono(path: str | Path) -> tuple[np.ndarray, int]:
         _check_samples(path, data)
         return downmix(data), sr
     _check_samples(path, ints)
-    mono = ints[:, 0].astype(np.float32)
-    for c in range(1, ints.shape[1]):
-        mono += ints[:, c]
-    channels = ints.shape[1]
-    if channels & (channels - 1) == 0:  # 1, 2, 4, ...: one exact power-of-two scale
-        mono *= np.float32(1.0 / (32768.0 * channels))
-    else:
-        mono *= np.float32(1.0 / 32768.0)
-        mono /= np.float32(channels)
+    mono = downmix(ints)  # exact integer sums, divided by the channel count
+    mono *= np.float32(1.0 / 32768.0)  # a power of two: commutes exactly with that division
     return mono, sr
 
 
 def downmix(data: np.ndarray) -> np.ndarray:
-    """(N, C) or (N,) samples -> contiguous float32 mono (N,): the mean of the channels."""
+    """(N, C) or (N,) samples (float or integer) -> contiguous float32 mono (N,): the channel mean."""
     if data.ndim == 2:
         # Adding the channel columns is ~30x faster than ``data.mean(axis=1)`` on (N, 2) data
         # (numpy reduces a short trailing axis slowly) and gives the same values for stereo.
@@ -274,8 +271,7 @@ def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0
                 raise _unreadable(path, err) from None
             last = data.shape[0] < block
             if data.shape[0]:
-                if not np.all(np.isfinite(data)):
-                    raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
+                _check_finite(path, data)
                 # The front end's own downmix (row-wise, so independent of the block size);
                 # the stream below resamples.
                 mono = downmix(data)

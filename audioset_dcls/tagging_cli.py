@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from .tagging import Tagger, expand_inputs, plot_tags
+    from .tagging import Tagger, cpu_has_native_bf16, expand_inputs, plot_tags
 
     try:
         files = expand_inputs(args.inputs)
@@ -189,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
-
-    from audioset_dcls.tagging import cpu_has_native_bf16
 
     if tagger.precision == "bf16" and tagger.device.type == "cpu" and cpu_has_native_bf16() is False and not args.quiet:
         print("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 is emulated and likely "
