@@ -24,11 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from audioset_dcls.models import create_model, dcls_layers, param_groups, to_inference  # noqa: E402
+from audioset_dcls.models import create_model, dcls_layers, list_models, param_groups, to_inference  # noqa: E402
 
-PAPER_MODELS = [
-    "convnext_tiny", "convnext_tiny_dcls", "convformer_s18", "convformer_s18_dcls", "fastvit_sa24", "fastvit_sa24_dcls",
-]
+PAPER_MODELS = list_models(paper=True)
 
 
 def _sync(device: torch.device) -> None:

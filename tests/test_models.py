@@ -20,13 +20,14 @@ from audioset_dcls.models import (
     dcls_layers,
     find_depthwise_convs,
     list_models,
+    model_info,
     param_groups,
     shared_dcls_parameters,
     to_inference,
 )
 
 # Parameter counts of the reference audio models (527 classes, 1-channel (2, 16) stem), measured on
-# the reference code (../shared/reference/method.md).
+# the reference code (K-H-Ismail/DCLS-Audio at e139018; docs/method.md).
 REFERENCE_PARAMS = {
     "convnext_tiny": 28_223_855,
     "convnext_tiny_dcls": 28_221_263,
@@ -59,6 +60,9 @@ def _perturb_(model: nn.Module, seed: int = 0) -> None:
 
 def test_registry_has_the_paper_models_and_tiny_ones():
     names = set(list_models())
+    assert set(list_models(paper=True)) == set(REFERENCE_PARAMS)
+    assert model_info("convnext_tiny_dcls").paper_map == "45.52 ± 0.05"
+    assert not model_info("convnext_atto_dcls").in_paper
     assert set(REFERENCE_PARAMS) <= names
     assert {"convnext_atto", "convnext_atto_dcls"} <= names
     with pytest.raises(ValueError, match="unknown model"):
@@ -212,13 +216,15 @@ def test_param_groups_split():
     assert not torch.equal(before, dcls["params"][0])
 
 
-def test_param_groups_fastvit_layer_scale_no_decay():
+def test_param_groups_fastvit_decays_its_layer_scales_like_the_reference():
+    # DCLS-Audio exempts only 1-D tensors and biases, so FastViT's (C, 1, 1) layer scales decay.
     model = create_model("fastvit_sa24")
     groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.05)}
     assert "dcls" not in groups
     gamma = model.get_submodule("stages.0.blocks.0.layer_scale").gamma
     assert gamma.shape == (64, 1, 1)
-    assert any(p is gamma for p in groups["no_decay"]["params"])
+    assert any(p is gamma for p in groups["decay"]["params"])
+    assert all(p.ndim <= 1 for p in groups["no_decay"]["params"])
 
 
 def test_fastvit_channels_last_and_never_reparameterised():

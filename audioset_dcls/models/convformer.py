@@ -18,60 +18,43 @@ equal the reference's exactly (25,797,847 / 25,781,207 for S18 with 527 classes)
 
 from __future__ import annotations
 
-import timm
-import torch
 from timm.models.metaformer import checkpoint_filter_fn
 from torch import nn
 
 from .registry import register_model
-from .surgery import find_depthwise_convs, load_timm_checkpoint, make_patch_stem, replace_depthwise_with_dcls, replace_module
+from .surgery import build_audio_model
 
 __all__ = ["create_convformer"]
 
 REFERENCE_HEAD_NORM_EPS = 1e-5  # nn.LayerNorm default, used by the reference MlpHead
 
 
-def create_convformer(
-    timm_name: str,
-    *,
-    dcls: bool,
-    num_classes: int = 527,
-    drop_path_rate: float = 0.0,
-    pretrained_path: str | None = None,
-    head_dropout: float = 0.0,
-    kernel_count: int = 26,
-    dilated_kernel_size: int = 23,
-    **kwargs,
-) -> nn.Module:
-    """The timm ConvFormer ``timm_name`` with the patch stem, the reference head norm, and DCLS in
-    place of every 7x7 depthwise conv if ``dcls``: (B, 1, 128, T) -> (B, num_classes).
+def create_convformer(timm_name: str, *, dcls: bool, head_dropout: float = 0.0, **kwargs) -> nn.Module:
+    """The timm ConvFormer ``timm_name`` with the patch stem (bias-free, at ``stem.conv``; its
+    LayerNorm kept), the reference head norm, and DCLS in place of every 7x7 depthwise conv if
+    ``dcls``: (B, 1, 128, T) -> (B, num_classes).
 
-    ``head_dropout``: dropout inside the MLP head (the reference's ``head_dropout``).
-    ``pretrained_path``: a local timm (or original sail-sg) ImageNet checkpoint of ``timm_name``.
+    ``head_dropout``: dropout inside the MLP head (the reference's ``head_dropout``). Other
+    keyword arguments: see :func:`surgery.build_audio_model` (``pretrained_path``: a local timm
+    or original sail-sg ImageNet checkpoint of ``timm_name``).
     """
-    model = timm.create_model(
-        timm_name, pretrained=False, in_chans=1, num_classes=num_classes, drop_path_rate=drop_path_rate,
-        **kwargs,
-    )
-    if pretrained_path is not None:
-        load_timm_checkpoint(model, pretrained_path, filter_fn=checkpoint_filter_fn)
-    model.get_submodule("head.fc.norm").eps = REFERENCE_HEAD_NORM_EPS
-    # timm's MetaFormer silently ignores unknown kwargs, so set the MLP head's dropout here
-    model.get_submodule("head.fc.head_drop").p = head_dropout
-    stem = model.get_submodule("stem.conv")
-    replace_module(model, "stem.conv", make_patch_stem(1, stem.out_channels, bias=False))
-    if dcls:
-        replace_depthwise_with_dcls(model, find_depthwise_convs(model, 7), kernel_count, dilated_kernel_size)
-    return model.to(memory_format=torch.channels_last)  # see surgery.PatchStem
+
+    def adapt(model: nn.Module) -> None:
+        model.get_submodule("head.fc.norm").eps = REFERENCE_HEAD_NORM_EPS
+        # timm's MetaFormer silently ignores unknown kwargs, so set the MLP head's dropout here
+        model.get_submodule("head.fc.head_drop").p = head_dropout
+
+    return build_audio_model(timm_name, dcls=dcls, stem_path="stem.conv", stem_bias=False,
+                             filter_fn=checkpoint_filter_fn, adapt=adapt, **kwargs)
 
 
-@register_model
+@register_model(paper_map="43.14 ± 0.03")
 def convformer_s18(**kwargs) -> nn.Module:
     """ConvFormer-S18 baseline of the paper (7x7 depthwise in the SepConv token mixer)."""
     return create_convformer("convformer_s18", dcls=False, **kwargs)
 
 
-@register_model
+@register_model(paper_map="43.68 ± 0.02")
 def convformer_s18_dcls(**kwargs) -> nn.Module:
     """ConvFormer-S18 with DCLS-Gauss (18 token-mixer convs, 26 elements in 23x23)."""
     return create_convformer("convformer_s18", dcls=True, **kwargs)

@@ -25,6 +25,7 @@ __all__ = [
     "to_inference",
     "param_groups",
     "load_timm_checkpoint",
+    "build_audio_model",
 ]
 
 # 128 mel x 1001 frames -> 64 x 62 patches: 2 mel bins x 16 frames (160 ms) per patch.
@@ -146,17 +147,14 @@ def to_inference(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_vector_like(p: torch.Tensor) -> bool:
-    # Norm weights, biases, layer-scale gammas ((C,), or (C, 1, 1) in FastViT), StarReLU scalars:
-    # per-channel (or scalar) gains that weight decay would only pull towards 0.
-    return sum(d > 1 for d in p.shape) <= 1
-
-
 def param_groups(model: nn.Module, lr: float, weight_decay: float, dcls_lr_scale: float = 5.0) -> list[dict]:
     """Optimiser parameter groups (a list of dicts for ``torch.optim``):
 
-    - ``decay``: weight matrices / conv kernels / DCLS element weights: ``weight_decay``, ``lr``;
-    - ``no_decay``: norms, biases, layer scales, other per-channel vectors: no decay, ``lr``;
+    - ``decay``: every tensor of two or more dimensions (weight matrices, conv kernels, DCLS
+      element weights, FastViT's (C, 1, 1) layer scales): ``weight_decay``, ``lr``;
+    - ``no_decay``: 1-D tensors (norms, ConvNeXt layer scales) and biases: no decay, ``lr``.
+      This is the reference's rule (DCLS-Audio ``optim_factory.get_parameter_groups``); exempting
+      every per-channel gain instead would change FastViT-SA24's training;
     - ``dcls``: DCLS positions and widths (once each, shared per stage): no decay,
       ``lr * dcls_lr_scale``.
 
@@ -170,7 +168,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, dcls_lr_scale
             continue
         if id(p) in dcls_ids:
             dcls.append(p)
-        elif name.endswith(".bias") or _is_vector_like(p):
+        elif p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -234,3 +232,43 @@ def load_timm_checkpoint(
         raise ValueError(f"{path}: does not fit {type(model).__name__}: {problems[:8]}")
     model.load_state_dict(state, strict=False)
     return sorted(skipped + missing)
+
+
+def build_audio_model(
+    timm_name: str,
+    *,
+    dcls: bool,
+    stem_path: str,
+    stem_bias: bool,
+    num_classes: int = 527,
+    drop_path_rate: float = 0.0,
+    pretrained_path: str | None = None,
+    filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    kernel_count: int = 26,
+    dilated_kernel_size: int = 23,
+    stem_channels: Callable[[nn.Module], int] | None = None,
+    adapt: Callable[[nn.Module], None] | None = None,
+    **timm_kwargs,
+) -> nn.Module:
+    """The recipe every family shares: (B, 1, 128, T) -> (B, num_classes), channels_last.
+
+    timm's ``timm_name`` with one input channel -> optional local ImageNet weights
+    (:func:`load_timm_checkpoint` with the family's ``filter_fn``) -> the family's own changes
+    (``adapt``) -> the module at ``stem_path`` replaced by the (2, 16) patch stem (its width
+    read from that module's ``out_channels`` unless ``stem_channels`` says) -> every 7x7
+    depthwise conv replaced by DCLS-Gauss if ``dcls``. The family files keep only what really
+    differs between them.
+    """
+    import timm
+
+    model = timm.create_model(timm_name, pretrained=False, in_chans=1, num_classes=num_classes,
+                              drop_path_rate=drop_path_rate, **timm_kwargs)
+    if pretrained_path is not None:
+        load_timm_checkpoint(model, pretrained_path, filter_fn=filter_fn)
+    if adapt is not None:
+        adapt(model)
+    width = stem_channels(model) if stem_channels is not None else model.get_submodule(stem_path).out_channels
+    replace_module(model, stem_path, make_patch_stem(1, width, bias=stem_bias))
+    if dcls:
+        replace_depthwise_with_dcls(model, find_depthwise_convs(model, 7), kernel_count, dilated_kernel_size)
+    return model.to(memory_format=torch.channels_last)  # see PatchStem
