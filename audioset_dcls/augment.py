@@ -2,7 +2,7 @@
 
 The reference augments the waveform (speed perturbation) and the linear spectrogram (random
 erasing) before its log-mel; our shards store log-mel, so each has a mel-domain stand-in
-(../shared/reference/method.md): time-stretch by linear interpolation along frames, erasing on
+(docs/method.md): time-stretch by linear interpolation along frames, erasing on
 the normalised log-mel (filled with 0, the dataset mean). Order per batch: time stretch ->
 time roll -> erasing / SpecAugment masks -> label smoothing -> mixup (mixup last, so that mixed
 clips carry already-smoothed targets, as timm's Mixup does).
@@ -66,10 +66,12 @@ def time_roll(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def time_stretch(
     x: torch.Tensor, prob: float, rate_min: float, rate_max: float, generator: torch.Generator, pad_value: float
 ) -> torch.Tensor:
-    """Stand-in for speed perturbation: with probability ``prob`` a clip is played at a rate
-    r ~ U(rate_min, rate_max) by linear interpolation along frames (r > 1 shortens it; the end
-    is padded with ``pad_value``, as a sped-up waveform is zero-padded to 10 s), then kept at T
-    frames. Unlike resampling a waveform it does not shift pitch. x (B, 1, M, T).
+    """Stand-in for the reference's speed perturbation (DCLS-Audio ``SpeedPerturbation``): with
+    probability ``prob`` a clip's length is multiplied by r ~ U(rate_min, rate_max) (r > 1 slows
+    it down; linear interpolation along frames), then padded with ``pad_value`` (silence) or
+    cropped back to T frames at a uniformly random offset, as the reference pads and crops its
+    resampled waveform with ``align="random"``. Unlike resampling a waveform it does not shift
+    pitch. x (B, 1, M, T) -> same shape.
     """
     if prob <= 0:
         return x
@@ -78,15 +80,17 @@ def time_stretch(
     apply = torch.rand(b, generator=generator, device=dev) < prob
     rate = rate_min + (rate_max - rate_min) * torch.rand(b, generator=generator, device=dev)
     rate = torch.where(apply, rate, torch.ones_like(rate)).to(x.device, torch.float32)
-    src = torch.arange(t, device=x.device, dtype=torch.float32)[None, :] * rate[:, None]  # (B, T)
-    lo = src.floor().long()
-    frac = (src - lo).to(x.dtype)[:, None, None, :]
-    valid = (lo <= t - 1)[:, None, None, :]
-    lo_c = lo.clamp(max=t - 1)
-    hi_c = (lo + 1).clamp(max=t - 1)
+    # Where the stretched clip (t * rate frames) starts: in [0, t - n] when it is shorter than
+    # the window (padding), in [t - n, 0] when longer (cropping); 0 when not stretched.
+    offset = (torch.rand(b, generator=generator, device=dev).to(x.device) * (t - t * rate)).round()
+    src = (torch.arange(t, device=x.device, dtype=torch.float32)[None, :] - offset[:, None]) / rate[:, None]
+    valid = ((src >= 0) & (src <= t - 1))[:, None, None, :]
+    lo = src.floor().clamp(0, t - 1).long()
+    frac = (src - src.floor()).to(x.dtype)[:, None, None, :]
+    hi = (lo + 1).clamp(max=t - 1)
     shape = (b, x.shape[1], x.shape[2], t)
-    a = x.gather(-1, lo_c[:, None, None, :].expand(shape))
-    c = x.gather(-1, hi_c[:, None, None, :].expand(shape))
+    a = x.gather(-1, lo[:, None, None, :].expand(shape))
+    c = x.gather(-1, hi[:, None, None, :].expand(shape))
     out = a + (c - a) * frac
     return torch.where(valid, out, torch.full_like(out, pad_value))
 

@@ -2,8 +2,9 @@
 command-line overrides (``optim.lr=1e-3 data.train=/x``).
 
 The dataclass defaults are the one source of defaults: they are the reference recipe for
-ConvNeXt-T-DCLS (../shared/reference/method.md). A YAML file lists only what differs; unknown
-keys are errors that name the key; values are checked against and coerced to the field's type
+ConvNeXt-T-DCLS (docs/method.md says where each number comes from; docs/configuration.md lists
+every key and is checked against this file). A YAML file lists only what differs; unknown keys
+are errors that name the key; values are checked against and coerced to the field's type
 (so ``optim.lr=1e-3`` is a float although YAML 1.1 reads ``1e-3`` as a string). The resolved
 config is written to every run directory and checkpoint (``to_yaml``) and into the inference
 checkpoint's ``extra``.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from .preemption import parse_stop_signals
 
 __all__ = [
     "DataConfig",
@@ -56,6 +59,7 @@ class DataConfig:
     norm_std: Optional[float] = None
     class_balanced: bool = False  # rejection-sample by inverse label frequency (reference: off)
     balance_power: float = 1.0  # acceptance ~ (1 / freq) ** power; 0.5 is a milder balance
+    verify_shards: str = "size"  # before the first step: "size" (every listed shard, cheap), "sha256" or "none"
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class AugmentConfig:
     mixup_alpha: float = 0.8  # 0 = off; one Beta(a, a) lambda per batch, mixed with the flipped batch
     time_roll: bool = True  # random circular shift along time, per clip
     time_stretch_prob: float = 0.5  # stand-in for waveform speed perturbation
-    time_stretch_min: float = 0.5
+    time_stretch_min: float = 0.5  # length factor r ~ U(min, max): the clip's length x r (reference)
     time_stretch_max: float = 1.5
     erase_prob: float = 0.25  # random erasing of one rectangle per clip (timm-style area/aspect)
     freq_masks: int = 0  # SpecAugment: number of frequency masks per clip (0 = off)
@@ -116,6 +120,8 @@ class TrainConfig:
     log_every_steps: int = 20
     tracker: str = "tensorboard"  # accelerate tracker name, or "none"
     progress_bar: bool = True
+    # finish the step, checkpoint and exit 75 on these (comma-separated; "none": die as usual)
+    checkpoint_on_signal: str = "SIGTERM,SIGUSR1"
 
 
 @dataclass(frozen=True)
@@ -153,10 +159,15 @@ class Config:
             (0 <= self.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)"),
             (self.eval.every_epochs > 0, "eval.every_epochs", "must be > 0"),
             (self.train.checkpoint_every_steps > 0, "train.checkpoint_every_steps", "must be > 0"),
+            (self.data.verify_shards in ("size", "sha256", "none"), "data.verify_shards", "must be size, sha256 or none"),
         ]
         for ok, key, why in checks:
             if not ok:
                 raise ConfigError(f"{key}: {why}")
+        try:
+            parse_stop_signals(self.train.checkpoint_on_signal)
+        except ValueError as err:
+            raise ConfigError(f"train.checkpoint_on_signal: {err}") from None
         return self
 
 
@@ -208,7 +219,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        hint = " (YAML reads no/yes/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, str):
@@ -266,6 +278,11 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def _is_str_field(section: str, name: str) -> bool:
+    section_type = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(section_type).get(name) is str
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings in order. Values are parsed as YAML, then coerced.
 
@@ -287,6 +304,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"unknown config key {section}.{name} in override {item!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
+            # A string field takes unquoted text as typed: `train.mixed_precision=no` means "no",
+            # not YAML's boolean False (quoted text, `data.train=""`, still parses as YAML).
+            if _is_str_field(section, name) and not isinstance(value, str):
+                value = raw
         except yaml.YAMLError:
             # Not YAML (e.g. a path like "..." or "a: b"): the text itself; the field's type check
             # below still rejects it where a number or list is expected.

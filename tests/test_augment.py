@@ -64,16 +64,39 @@ def test_time_roll_is_a_circular_shift_of_each_clip():
         assert any(torch.equal(torch.roll(x[i], s, dims=-1), r[i]) for s in range(x.shape[-1]))
 
 
-def test_time_stretch_rate_two_takes_every_other_frame_then_pads():
-    x, _ = batch(b=3, t=40)
-    out = time_stretch(x, prob=1.0, rate_min=2.0, rate_max=2.0, generator=gen(), pad_value=-9.0)
-    torch.testing.assert_close(out[..., :20], x[..., 0:40:2])
-    assert torch.all(out[..., 20:] == -9.0)
+def _lerp_frames(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (..., T) read at fractional frame positions src (K,) -> (..., K)."""
+    lo = src.floor().long()
+    hi = (lo + 1).clamp(max=x.shape[-1] - 1)
+    f = src - lo
+    return x[..., lo] * (1 - f) + x[..., hi] * f
+
+
+def test_time_stretch_halves_or_doubles_the_length_at_a_random_offset_like_the_reference():
+    x, _ = batch(b=8, t=40)
+    # rate 0.5: the clip becomes 20 frames (every other frame), padded to 40 at a random offset
+    short = time_stretch(x, prob=1.0, rate_min=0.5, rate_max=0.5, generator=gen(), pad_value=-9.0)
+    starts = []
+    for i in range(8):
+        real = (short[i] != -9.0).all(dim=(0, 1)).nonzero().ravel()
+        o = int(real[0])
+        assert real.tolist() == list(range(o, o + 20))
+        torch.testing.assert_close(short[i, ..., o:o + 20], x[i, ..., 0:40:2])
+        starts.append(o)
+    assert len(set(starts)) > 1  # the offset is random per clip, not always the start
+    # rate 2: the clip becomes 80 frames (each frame twice), cropped to a random 40 of them
+    long = time_stretch(x, prob=1.0, rate_min=2.0, rate_max=2.0, generator=gen(), pad_value=-9.0)
+    assert not (long == -9.0).any()
+    crops = []
+    for i in range(8):
+        fits = [c for c in range(41) if torch.allclose(
+            long[i], _lerp_frames(x[i], (torch.arange(40.0) + c) / 2.0), atol=1e-5)]
+        assert fits, f"clip {i} is not a 40-frame crop of the twice-as-long clip"
+        crops.append(fits[0])
+    assert len(set(crops)) > 1
     same = time_stretch(x, prob=1.0, rate_min=1.0, rate_max=1.0, generator=gen(), pad_value=-9.0)
     torch.testing.assert_close(same, x)
-    slow = time_stretch(x, prob=1.0, rate_min=0.5, rate_max=0.5, generator=gen(), pad_value=-9.0)
-    torch.testing.assert_close(slow[..., 0:40:2], x[..., :20])  # half speed: every frame twice
-    torch.testing.assert_close(slow[..., 1:40:2], 0.5 * (x[..., :20] + x[..., 1:21]))
+    assert torch.equal(time_stretch(x, prob=0.0, rate_min=0.5, rate_max=1.5, generator=gen(), pad_value=-9.0), x)
 
 
 def test_random_erase_zeroes_one_rectangle_per_clip():

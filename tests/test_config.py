@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import pytest
 import yaml
 
 from audioset_dcls.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, to_yaml
+from audioset_dcls.models import list_models
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER = ["convnext_tiny", "convnext_tiny_dcls", "convformer_s18", "convformer_s18_dcls", "fastvit_sa24",
-         "fastvit_sa24_dcls"]
+PAPER = list_models(paper=True)
 
 
 def test_defaults_are_the_reference_recipe():
@@ -48,10 +49,20 @@ def test_dotted_overrides_are_coerced_to_the_field_type():
     ("optim.name=sgd", "optim.name"),
     ("lr=1", "section.key"),
     ("optim.lr", "section.key=value"),
+    ("train.checkpoint_on_signal=SIGKILL", "train.checkpoint_on_signal: 'SIGKILL' is not one of"),
+    ("data.verify_shards=md5", "data.verify_shards"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         apply_overrides(Config(), [override])
+
+
+def test_stop_signals_are_parsed_by_name():
+    from audioset_dcls.preemption import parse_stop_signals
+
+    assert parse_stop_signals(Config().train.checkpoint_on_signal) == (signal.SIGTERM, signal.SIGUSR1)
+    assert parse_stop_signals("usr2, TERM,SIGTERM") == (signal.SIGUSR2, signal.SIGTERM)
+    assert parse_stop_signals("none") == parse_stop_signals("") == ()
 
 
 def test_unknown_yaml_key_is_an_error_naming_file_and_key(tmp_path):
@@ -92,3 +103,12 @@ def test_train_py_print_config_and_bad_key_exit_code():
     assert yaml.safe_load(out)["optim"]["lr"] == 0.001
     bad = subprocess.run([sys.executable, "train.py", "optim.nope=1"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.nope" in bad.stderr
+
+
+def test_string_overrides_are_taken_as_typed_not_as_yaml_booleans():
+    cfg = apply_overrides(Config(), ["train.mixed_precision=no", "train.output_dir=runs/on", 'data.train=""',
+                                     "train.resume=1e3"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.output_dir == "runs/on"
+    assert cfg.data.train == "" and cfg.train.resume == "1e3"
+    with pytest.raises(ConfigError, match="quote"):
+        config_from_dict({"train": {"mixed_precision": False}})  # `mixed_precision: no` in a YAML file
