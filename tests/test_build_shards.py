@@ -19,7 +19,9 @@ import webdataset as wds
 
 from audioset_dcls import features
 from audioset_dcls.labels import read_label_set, read_segment_files
-from audioset_dcls.shards import decode_sample, hash_ids, list_shards, read_manifest, sha256_file
+from audioset_dcls.data import build_eval_loader, open_shard_set
+from audioset_dcls.features import Normalization
+from audioset_dcls.shards import LogmelEncoding, decode_sample, hash_ids, list_shards, read_manifest, sha256_file
 from preprocessing.build_shards import (
     BuildOptions,
     build_shards,
@@ -144,10 +146,10 @@ def test_round_trip_every_value(dataset, single_run):
         shard, s = samples[f"{ytid}_{int(start * 1000)}"]
         path = dataset["audio"] / name
         ref, duration = features.logmel_from_file(path)
-        assert s.logmel.dtype == np.float16 and s.logmel.shape == (128, 1001)
-        stored = s.logmel.astype(np.float32)
-        # equal to the inference front end, to float16 precision (11 significant bits)
-        assert np.all(np.abs(stored - ref) <= np.abs(ref) * 2.0**-10 + 1e-3), name
+        assert s.logmel.dtype == np.float32 and s.logmel.shape == (128, 1001)
+        stored = s.logmel
+        # equal to the inference front end, to the default (uint8) encoding's 0.625 dB steps
+        assert np.abs(stored - ref).max() <= 0.3125 + 1e-4, name
         assert s.labels == sorted(labels.index[m] for m in mids)
         assert s.meta["ytid"] == ytid and s.meta["start"] == start and s.meta["end"] == start + 10
         assert s.meta["source"] == str(path)
@@ -175,6 +177,7 @@ def test_round_trip_every_value(dataset, single_run):
     assert manifest["labels"]["mids"] == [m for m, _ in CLASSES]
     assert manifest["labels"]["names"][1] == "Male speech, man speaking"
     assert manifest["feature_config"] == features.FeatureConfig().to_dict()
+    assert manifest["encoding"] == LogmelEncoding("uint8").to_dict() and manifest["clipped_values"] == 0
     assert manifest["clip_ids_sha256"] == hash_ids(good_keys)
     assert manifest["durations"]["padded"] == 2 and manifest["durations"]["trimmed"] == 2
     kinds = {s["ytid"]: s["kind"] for s in manifest["skipped"]}
@@ -276,6 +279,54 @@ def test_parts_together_equal_one_run(dataset, single_run, tmp_path, capsys):
         read_manifest(merged)
 
 
+def test_float16_sets_and_sets_built_before_encodings(dataset, single_run, tmp_path, capsys):
+    """--encoding float16 stores float16 values. A float16 set built before encodings existed (no
+    encoding in its plan, records or manifest) still reads, resumes as float16, and is refused
+    (one line) when resumed with the default uint8: a set never mixes encodings."""
+    out = tmp_path / "f16"
+    argv = ["--segments", *map(str, dataset["segments"]), "--labels", str(dataset["labels"]), "--audio-dir",
+            str(dataset["audio"]), "--out", str(out), "--split", "train", "--seed", "7", "--shard-size", "3",
+            "--workers", "0", "--no-progress"]
+    assert main(argv + ["--encoding", "float16"]) == 0
+    assert "stored as float16: " in capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert manifest["encoding"] == {"name": "float16", "member": "logmel.npy"}
+    u8 = _read_all(single_run[0])
+    f16 = _read_all(out)
+    assert set(f16) == set(u8)
+    for key, (_, s) in f16.items():
+        ytid = s.meta["ytid"]
+        ref, _ = features.logmel_from_file(dataset["audio"] / GOOD[ytid][0])
+        assert s.logmel.dtype == np.float32 and np.array_equal(s.logmel.astype(np.float16), s.logmel)
+        assert np.all(np.abs(s.logmel - ref) <= np.abs(ref) * 2.0**-10 + 1e-3), key  # float16 precision
+        assert np.abs(s.logmel - u8[key][1].logmel).max() <= 0.3125 + 0.05
+        assert s.labels == u8[key][1].labels
+    assert sum(s["bytes"] for s in read_manifest(single_run[0])["shards"]) < 0.6 * sum(
+        s["bytes"] for s in manifest["shards"])
+
+    # The same set as the builder wrote it before encodings existed.
+    def strip(path, *keys):
+        d = json.loads(path.read_text())
+        for k in keys:
+            d.pop(k)
+        path.write_text(json.dumps(d))
+
+    strip(out / "_build" / "plan.json", "encoding")
+    for record in (out / "_build").glob("train-*.json"):
+        strip(record, "clipped")
+    strip(out / "manifest.json", "encoding", "clipped_values")
+    shards = open_shard_set(out, "data.eval")
+    keys = [k for b in build_eval_loader(shards, 4, 0, Normalization(), rank=0, world_size=1) for k in b["keys"]]
+    assert sorted(keys) == sorted(f16)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stored as float16, not uint8; resume it with --encoding float16" in err and "\n" not in err
+    name = manifest["shards"][0]["name"]
+    (out / name).unlink()  # something left to build
+    assert main(argv + ["--encoding", "float16"]) == 0
+    assert read_manifest(out) == manifest and sha256_file(out / name) == manifest["shards"][0]["sha256"]
+
+
 def test_cli_builds_with_a_pattern_and_reports(dataset, tmp_path, capsys):
     # A flat folder named by one pattern: only the pattern is used, no search.
     flat = tmp_path / "flat"
@@ -326,6 +377,9 @@ def test_other_build_in_the_folder_and_bad_labels_are_refused(dataset, single_ru
     assert "different shard_size (was 3, now 5)" in capsys.readouterr().err
     assert main(base + ["--shard-size", "3", "--seed", "8", "--no-progress"]) == 2
     assert "different seed" in capsys.readouterr().err
+    assert main(base + ["--shard-size", "3", "--encoding", "float16", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stored as uint8, not float16; resume it with --encoding uint8" in err and "\n" not in err
     bad = tmp_path / "bad.csv"
     bad.write_text("# YTID, start_seconds, end_seconds, positive_labels\nabc,0,10,/m/nope\n")
     argv = ["--segments", str(bad), "--labels", str(dataset["labels"]), "--audio-dir", str(dataset["audio"]),

@@ -1,0 +1,158 @@
+"""One build run: plan, then clips -> workers -> tars in slot order, then the manifest."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..features import REFERENCE_NORMALIZATION
+from ..files import write_json
+from ..shards import MANIFEST_NAME, SIZES_NAME, LogmelEncoding
+from .manifest import SKIPPED_NAME, finalize, name_ranges, remove_manifest
+from .plan import (
+    BuildOptions,
+    check_or_write_plan,
+    make_plan,
+    order_segments,
+    part_shard_range,
+    shard_name,
+)
+from .sources import file_finder, read_clips
+from .worker import ClipTask, run_clips
+from .writer import finished_shards, record_path, write_shard
+
+__all__ = ["BuildResult", "build_shards", "format_summary"]
+
+
+@dataclass
+class BuildResult:
+    """What one run did. ``manifest`` is None while other parts are still missing."""
+
+    out: Path
+    manifest: dict[str, Any] | None
+    shards_written: list[str]
+    shards_reused: list[str]
+    clips_processed: int
+    clips_written: int
+    skipped: Counter
+    seconds: float  # clip processing wall time (pool start to last shard)
+    shards_missing: list[str] = field(default_factory=list)
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips_processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def build_shards(opts: BuildOptions) -> BuildResult:
+    """Build (or resume) the shards of ``opts.part`` and, when the set is complete, the manifest.
+
+    Raises BuildError / LabelError (one line) for bad inputs; bad clips are reported, not raised.
+    """
+    opts.check()
+    out = Path(opts.out)
+    source = read_clips(opts)
+    order = order_segments(source.clips, opts.seed, opts.shuffle)
+    plan = make_plan(opts, source.labels, order, source.dropped)
+    out.mkdir(parents=True, exist_ok=True)
+    check_or_write_plan(out, plan)
+
+    mine = part_shard_range(plan["num_shards"], *opts.part)
+    for i in mine:  # partial files of a killed run (only this part's: other parts may be writing)
+        (out / (shard_name(opts.split, i) + ".tmp")).unlink(missing_ok=True)
+        record = record_path(out, opts.split, i)
+        for tmp in record.parent.glob(record.name + ".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    done = finished_shards(out, opts.split, mine, opts.verify, max(1, opts.workers))
+    todo = [i for i in mine if i not in done]
+    if todo:
+        remove_manifest(out)  # shards are about to change; written again when the set is complete
+    S = opts.shard_size
+    todo_segs = [seg for i in todo for seg in order[i * S : (i + 1) * S]]
+
+    if opts.progress:
+        print(f"{opts.split}: {len(order)} segments in {plan['num_shards']} shard slot(s) of {S}; "
+              f"this run: {len(todo)} to build, {len(done)} already finished", file=sys.stderr)
+    find = file_finder(opts, todo_segs)
+    tasks = (ClipTask(seg.key, find(seg), seg.labels, seg.ytid, seg.start, seg.end) for seg in todo_segs)
+
+    written, skipped, n_ok = [], Counter(), 0
+    bar = tqdm(total=len(todo_segs), unit="clips", desc=f"{opts.split} shards", mininterval=1.0,
+               disable=not opts.progress or not todo_segs, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    results = run_clips(tasks, opts.feature_config, opts.workers, opts.clips_per_task, LogmelEncoding(opts.encoding))
+    try:
+        for i in todo:
+            shard_segs = order[i * S : (i + 1) * S]
+            record = write_shard(out, opts.split, i, shard_segs, results, bar, skipped, opts.feature_config)
+            n_ok += record["count"]
+            write_json(record_path(out, opts.split, i), record)
+            done[i] = record
+            written.append(record["name"])
+    finally:
+        results.close()
+        bar.close()
+    seconds = time.perf_counter() - t0
+
+    manifest, missing = finalize(out, plan, verified=set(done))
+    return BuildResult(
+        out=out, manifest=manifest, shards_written=written,
+        shards_reused=[done[i]["name"] for i in sorted(done) if done[i]["name"] not in written],
+        clips_processed=len(todo_segs), clips_written=n_ok, skipped=skipped, seconds=seconds,
+        shards_missing=missing,
+    )
+
+
+def format_summary(result: BuildResult, opts: BuildOptions | None = None) -> str:
+    """A few readable lines about a finished run."""
+    lines = []
+    r = result
+    done_part = f" (part {opts.part[0]}/{opts.part[1]})" if opts and opts.part[1] > 1 else ""
+    if r.clips_processed:
+        kept = f", kept {len(r.shards_reused)} finished before" if r.shards_reused else ""
+        lines.append(
+            f"built {len(r.shards_written)} shard(s){done_part}{kept}: {r.clips_written} of "
+            f"{r.clips_processed} clips written in {r.seconds:.1f} s ({r.clips_per_second:.1f} clips/s)"
+        )
+    else:
+        lines.append(f"nothing to build{done_part}: all {len(r.shards_reused)} shard(s) were already "
+                     "finished (verified)")
+    if r.skipped:
+        lines.append("skipped this run: " + ", ".join(f"{n} {k}" for k, n in sorted(r.skipped.items())))
+    m = r.manifest
+    if m is None:
+        lines.append(f"{len(r.shards_missing)} shard slot(s) of this set are not built here yet "
+                     f"({name_ranges(r.shards_missing)}). Jobs sharing this --out: the last one to "
+                     f"finish writes the manifest. Separate folders: copy them into one and run "
+                     f"python -m preprocessing.build_shards --merge --out DIR")
+        return "\n".join(lines)
+    lines.append(f"shard set complete: {m['num_samples']} samples in {m['num_shards']} shard(s) "
+                 f"of split '{m['split']}' in {r.out}")
+    if m["num_skipped"]:
+        kinds = ", ".join(f"{n} {k}" for k, n in m["skipped_by_kind"].items())
+        lines.append(f"left out {m['num_skipped']} clip(s): {kinds}; see {r.out / SKIPPED_NAME}")
+    else:
+        lines.append("left out no clips")
+    enc = m["encoding"]
+    size = sum(s["bytes"] for s in m["shards"]) / max(1, m["num_samples"])
+    if enc["name"] == "uint8":
+        stored = (f"stored as uint8 ({enc['step_db']:g} dB steps, zstd): {size / 1e3:.1f} kB per clip; "
+                  f"{m['clipped_values']} value(s) outside [{enc['min_db']:g}, {enc['max_db']:g}] dB clipped")
+    else:
+        stored = f"stored as {enc['name']}: {size / 1e3:.1f} kB per clip"
+    lines.append(stored)
+    norm = m["normalization"]
+    if norm:
+        lines.append(f"log-mel mean {norm['mean']:.4f} dB, std {norm['std']:.4f} dB "
+                     f"(reference: {REFERENCE_NORMALIZATION.mean}, {REFERENCE_NORMALIZATION.std})")
+    d = m["durations"]
+    if d["mean"] is not None:
+        lines.append(f"durations {d['min']:.2f}-{d['max']:.2f} s (mean {d['mean']:.2f}); "
+                     f"{d['padded']} zero-padded, {d['trimmed']} trimmed to {m['feature_config']['clip_seconds']:g} s")
+    lines.append(f"manifest: {r.out / MANIFEST_NAME}; sizes: {r.out / SIZES_NAME}")
+    return "\n".join(lines)

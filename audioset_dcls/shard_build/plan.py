@@ -1,0 +1,174 @@
+"""The build's settings and its plan: which clips go into which shard slot.
+
+The plan is fixed before any audio is read: the clips are put in a seeded order and slot ``i``
+holds positions ``[i * shard_size, (i + 1) * shard_size)`` of it. ``_build/plan.json`` records the
+order's hash and the settings, so a folder is resumed or merged only by the same build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..features import FeatureConfig
+from ..files import write_json
+from ..labels import DroppedRow, LabelSet, Segment, resolve_pattern
+from ..shards import ENCODINGS, MANIFEST_NAME, LogmelEncoding
+
+__all__ = ["BuildError", "BuildOptions", "shard_name", "order_segments", "part_shard_range",
+           "make_plan", "check_or_write_plan", "read_plan", "STATE_DIR", "PLAN_NAME", "PLAN_FORMAT"]
+
+STATE_DIR = "_build"
+PLAN_NAME = "plan.json"
+# /2: dropped rows are records (kind, ytid, start, end, row, reason), not (row, reason) pairs.
+PLAN_FORMAT = "audioset_dcls.build_plan/2"
+# Plan entries that must agree for a folder to be resumed or merged.
+PLAN_KEYS = ("split", "num_clips", "shard_size", "num_shards", "seed", "shuffle", "order_sha256",
+             "feature_config", "encoding", "labels")
+_SPLIT_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class BuildError(RuntimeError):
+    """The build cannot go on (bad arguments, a folder from another build). One line."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything one build run needs. ``part`` is ``(i, N)``; ``workers=0`` runs in-process."""
+
+    segments: tuple[Path, ...]
+    labels: Path
+    audio_dir: Path
+    out: Path
+    split: str
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    shard_size: int = 1000
+    part: tuple[int, int] = (0, 1)
+    seed: int = 0
+    shuffle: bool = True
+    pattern: str | None = None
+    unknown_mids: str = "error"
+    verify: bool = True
+    progress: bool = True
+    clips_per_task: int = 4
+    feature_config: FeatureConfig = FeatureConfig()
+    encoding: str = "uint8"  # how log-mels are stored: "uint8" (~75 kB per 10 s clip) or "float16" (~256 kB)
+
+    def check(self) -> None:
+        if not _SPLIT_RE.fullmatch(self.split):
+            raise BuildError(f"--split {self.split!r}: use letters, digits, '_' and '-' only")
+        if self.shard_size < 1:
+            raise BuildError(f"--shard-size must be at least 1, not {self.shard_size}")
+        if self.encoding not in ENCODINGS:
+            raise BuildError(f"--encoding {self.encoding!r}: use one of {', '.join(ENCODINGS)}")
+        if self.workers < 0:
+            raise BuildError(f"--workers must be >= 0, not {self.workers}")
+        i, n = self.part
+        if not (n >= 1 and 0 <= i < n):
+            raise BuildError(f"--part {i}/{n}: expected i/N with 0 <= i < N (e.g. 0/4 ... 3/4)")
+        if not Path(self.audio_dir).is_dir():
+            raise BuildError(f"{self.audio_dir}: audio folder does not exist")
+        if self.pattern:
+            try:
+                resolve_pattern(self.pattern, self.audio_dir, Segment("x", 0.0, 10.0, ()))
+            except ValueError as err:
+                raise BuildError(f"--pattern: {err}") from None
+
+
+def shard_name(split: str, index: int) -> str:
+    """``<split>-NNNNNN.tar``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def order_segments(segments: Sequence[Segment], seed: int, shuffle: bool) -> list[Segment]:
+    """The build order: a seeded permutation of the rows (or the rows as read)."""
+    if not shuffle:
+        return list(segments)
+    perm = np.random.default_rng(seed).permutation(len(segments))
+    return [segments[i] for i in perm]
+
+
+def part_shard_range(num_shards: int, part: int, parts: int) -> range:
+    """Shards built by ``--part part/parts``: disjoint, contiguous, covering ``range(num_shards)``."""
+    return range(part * num_shards // parts, (part + 1) * num_shards // parts)
+
+
+def _order_hash(order: Sequence[Segment]) -> str:
+    """sha256 of the ordered (key, labels) list: changes if a row, its labels or the order do."""
+    h = hashlib.sha256()
+    for seg in order:
+        h.update(f"{seg.key} {','.join(map(str, seg.labels))}\n".encode())
+    return h.hexdigest()
+
+
+def make_plan(opts: BuildOptions, labels: LabelSet, order: Sequence[Segment],
+              dropped: Sequence[DroppedRow]) -> dict[str, Any]:
+    """The plan of a build: its settings, the order's hash, and the input rows left out."""
+    return {
+        "format": PLAN_FORMAT,
+        "split": opts.split,
+        "num_clips": len(order),
+        "shard_size": opts.shard_size,
+        "num_shards": math.ceil(len(order) / opts.shard_size),
+        "seed": opts.seed,
+        "shuffle": opts.shuffle,
+        "order_sha256": _order_hash(order),
+        "feature_config": opts.feature_config.to_dict(),
+        "encoding": LogmelEncoding(opts.encoding).to_dict(),
+        "labels": labels.to_dict(),
+        "segment_files": [str(p) for p in opts.segments],
+        # Rows left out while reading the CSVs (duplicates, unknown mids): part of the report.
+        "dropped_rows": [d.to_dict() for d in dropped],
+    }
+
+
+def read_plan(out: Path) -> dict[str, Any]:
+    """The plan of the build in ``out``; BuildError if there is none."""
+    path = out / STATE_DIR / PLAN_NAME
+    if not path.is_file():
+        raise BuildError(f"{out}: no {STATE_DIR}/{PLAN_NAME}; is this a build_shards output folder?")
+    plan = json.loads(path.read_text())
+    if plan.get("format") != PLAN_FORMAT:
+        raise BuildError(f"{path}: written by another version of the builder ({plan.get('format')}); "
+                         "run the build command once (any --part) to update it")
+    return plan
+
+
+def check_or_write_plan(out: Path, plan: dict[str, Any]) -> None:
+    """Write ``plan`` into a new folder, or check that the folder holds the same build."""
+    state = out / STATE_DIR
+    path = state / PLAN_NAME
+    if path.is_file():
+        old = json.loads(path.read_text())
+        planned_encoding = "encoding" in old  # absent: planned before encodings existed (float16)
+        was, now = LogmelEncoding.from_dict(old.get("encoding")), LogmelEncoding.from_dict(plan["encoding"])
+        if was != now:
+            how = f"stored as {was.name}, not {now.name}" if was.name != now.name else f"with other {now.name} settings"
+            raise BuildError(f"{out}: holds a build {how}; resume it with --encoding {was.name}, or use a new "
+                             "--out (a shard set never mixes encodings)")
+        for key in PLAN_KEYS:
+            if key == "encoding":
+                continue
+            if old.get(key) != plan[key]:
+                what = "segment list" if key in ("order_sha256", "num_clips") else key
+                was, now = old.get(key), plan[key]
+                detail = f" (was {was}, now {now})" if not isinstance(now, (dict, list)) and key != "order_sha256" else ""
+                raise BuildError(
+                    f"{out}: holds a build with a different {what}{detail}; use a new --out, "
+                    "or delete the folder to rebuild"
+                )
+        if old.get("format") != PLAN_FORMAT or not planned_encoding:  # the same build, planned by an older builder
+            write_json(path, plan)
+        return
+    if (out / MANIFEST_NAME).is_file() or any(out.glob("*.tar")):
+        raise BuildError(f"{out}: has shards but no {STATE_DIR}/{PLAN_NAME}; use an empty --out")
+    state.mkdir(parents=True, exist_ok=True)
+    write_json(path, plan)
