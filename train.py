@@ -2,6 +2,10 @@
 
     accelerate launch [--multi_gpu --num_processes N] train.py --config configs/convnext_tiny_dcls.yaml \\
         data.train=/data/shards/train data.eval=/data/shards/eval [key=value ...] [--resume]
+
+Exit status: 0 done (or stopped at train.max_steps); 75 stopped by a signal with a checkpoint
+(train.checkpoint_on_signal: resume with --resume); 2 one error line (config, data,
+checkpoint, a run directory that cannot be written).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 
@@ -20,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-3 data.batch_size=64")
     args = p.parse_args(argv)
 
+    from audioset_dcls.checkpoint import CheckpointError
     from audioset_dcls.config import ConfigError, load_config, to_yaml
     from audioset_dcls.data import DataError
 
@@ -35,13 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from audioset_dcls.training import train
+    from audioset_dcls.preemption import EXIT_PREEMPTED, parse_stop_signals
+    from audioset_dcls.training import OutputError, train
 
     try:
         summary = train(cfg)
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, CheckpointError, OutputError) as err:
         logging.getLogger("audioset_dcls.train").error(str(err))
         return 2
+    if summary.get("stopped_by"):
+        # The run is over: a launcher that sees another rank exit first signals this one; that
+        # must not turn the documented status into a death by signal.
+        for sig in parse_stop_signals(cfg.train.checkpoint_on_signal):
+            signal.signal(sig, signal.SIG_IGN)
+        return EXIT_PREEMPTED
     if summary.get("eval") is not None:
         print(json.dumps({"final_eval": summary["eval"], "checkpoint": summary["checkpoint"]}))
     return 0

@@ -25,11 +25,18 @@ from typing import Any
 import torch
 
 from .features import FeatureConfig, Normalization
+from .files import atomic_path
 
 FORMAT = "audioset_dcls.inference/1"
 METADATA_KEY = "audioset_dcls"
 
-__all__ = ["CheckpointInfo", "save_inference_checkpoint", "read_checkpoint_info", "load_checkpoint", "load_model"]
+__all__ = ["CheckpointError", "CheckpointInfo", "save_inference_checkpoint", "read_checkpoint_info", "load_checkpoint",
+           "load_model"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (inference file or training state) is missing, unreadable or does not fit;
+    the message names the path and what to do."""
 
 
 @dataclass
@@ -61,7 +68,7 @@ class CheckpointInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> "CheckpointInfo":
         if d.get("format") != FORMAT:
-            raise ValueError(f"{source}: not an audioset_dcls inference checkpoint (format {d.get('format')!r})")
+            raise CheckpointError(f"{source}: not an audioset_dcls inference checkpoint (format {d.get('format')!r})")
         info = cls(
             model_name=d["model"]["name"],
             num_classes=int(d["model"]["num_classes"]),
@@ -72,7 +79,7 @@ class CheckpointInfo:
             extra=dict(d.get("extra", {})),
         )
         if info.labels and len(info.labels) != info.num_classes:
-            raise ValueError(f"{source}: {len(info.labels)} label names for {info.num_classes} classes")
+            raise CheckpointError(f"{source}: {len(info.labels)} label names for {info.num_classes} classes")
         return info
 
 
@@ -81,17 +88,15 @@ def save_inference_checkpoint(path: str | Path, state_dict: dict[str, torch.Tens
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; DCLS layers of a stage share one positions tensor,
     # which appears under several keys: store each key's own contiguous copy.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info.to_dict())})
-    # safetensors creates files 0600 whatever the umask; a model is meant to be shared.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info.to_dict())})
+        # safetensors creates files 0600 whatever the umask; a model is meant to be shared.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     return path
 
 
@@ -106,12 +111,12 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as err:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: not a safetensors file ({err}); convert other checkpoints with "
             "`python -m audioset_dcls.convert_reference`"
         ) from None
     if METADATA_KEY not in meta:
-        raise ValueError(f"{path}: safetensors file without an audioset_dcls description")
+        raise CheckpointError(f"{path}: safetensors file without an audioset_dcls description")
     return CheckpointInfo.from_dict(json.loads(meta[METADATA_KEY]), source=str(path))
 
 
@@ -137,7 +142,7 @@ def load_model(
     model = create_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: weights do not fit {info.model_name}: missing {list(missing)[:5]}, "
             f"unexpected {list(unexpected)[:5]}"
         )

@@ -40,9 +40,10 @@ import torch
 import webdataset as wds
 
 from .config import DataConfig
-from .features import FeatureConfig, Normalization
+from .features import REFERENCE_NORMALIZATION, FeatureConfig, Normalization
 from .labels import LabelSet
-from .shards import META_EXT, decode_sample, list_shards, read_manifest
+from .preemption import ignore_stop_signals
+from .shards import META_EXT, check_shard_files, decode_sample, list_shards, read_manifest, rebuild_command
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ __all__ = [
     "build_eval_loader",
     "move_batch",
     "count_labels",
+    "derive_seed",
 ]
 
 
@@ -79,8 +81,13 @@ class ShardSet:
         return len(self.labels)
 
 
-def open_shard_set(path: str | Path, what: str) -> ShardSet:
-    """Read and check a shard directory. ``what`` names it in errors (e.g. ``data.train``)."""
+def open_shard_set(path: str | Path, what: str, verify: str = "size") -> ShardSet:
+    """Read and check a shard directory. ``what`` names it in errors (e.g. ``data.train``).
+
+    ``verify``: every shard the manifest lists must exist with its recorded size ("size",
+    cheap), also its sha256 ("sha256", parallel) or nothing is checked ("none"). A damaged set
+    is one DataError naming the shards and the command that rebuilds them, before any training;
+    a shard that goes bad later is skipped and counted by the loaders."""
     if not str(path):
         raise DataError(f"{what} is not set: give the shard directory, e.g. {what}=/data/shards/{what.split('.')[-1]}")
     root = Path(path)
@@ -88,6 +95,9 @@ def open_shard_set(path: str | Path, what: str) -> ShardSet:
         raise DataError(f"{what}={root}: no such directory (build shards with `python -m preprocessing.build_shards`)")
     try:
         manifest = read_manifest(root)
+        bad = check_shard_files(root, manifest, verify)
+        if bad:
+            raise DataError(_damaged_shards_line(what, root, manifest, bad))
         paths = list_shards(root)
     except (FileNotFoundError, ValueError) as err:
         raise DataError(f"{what}={root}: {err}") from None
@@ -104,6 +114,13 @@ def open_shard_set(path: str | Path, what: str) -> ShardSet:
                     labels=tuple(labels), manifest=manifest)
 
 
+def _damaged_shards_line(what: str, root: Path, manifest: dict, bad: list[tuple[str, str]]) -> str:
+    listed = "; ".join(f"{name} {problem}" for name, problem in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return (f"{what}={root}: {len(bad)} of {len(manifest['shards'])} shards are not as the manifest records them: "
+            f"{listed}. Re-run the command that built the folder (it keeps the intact shards and rebuilds these): "
+            f"{rebuild_command(root, manifest)}")
+
+
 def _manifest_stats(manifest: dict) -> tuple[float, float] | None:
     d = manifest.get("normalization")  # the builder's mean/std of the stored dB values
     if isinstance(d, dict) and "mean" in d and "std" in d:
@@ -113,7 +130,7 @@ def _manifest_stats(manifest: dict) -> tuple[float, float] | None:
 
 def resolve_normalization(cfg: DataConfig, train: ShardSet | None) -> Normalization:
     """Explicit data.norm_mean/std, else the train manifest's stats ("manifest"), else the
-    reference's -18.2696 / 30.5735."""
+    reference's (features.REFERENCE_NORMALIZATION)."""
     if cfg.norm_mean is not None:
         return Normalization(mean=float(cfg.norm_mean), std=float(cfg.norm_std))
     if cfg.normalization == "manifest":
@@ -121,7 +138,7 @@ def resolve_normalization(cfg: DataConfig, train: ShardSet | None) -> Normalizat
         if stats is None:
             raise DataError("data.normalization=manifest but the train manifest has no feature mean/std")
         return Normalization(mean=stats[0], std=stats[1])
-    return Normalization()
+    return REFERENCE_NORMALIZATION
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -148,8 +165,10 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _seed(*parts: int) -> int:
-    # Python's hash of a tuple of ints is stable across processes (no string hashing).
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, rank, worker, stream, ...): the one way every
+    random stream of training is seeded. Python's hash of a tuple of ints is stable across
+    processes and runs (no string hashing), so a resumed run rebuilds the same streams."""
     return hash(tuple(int(p) for p in parts)) & 0x7FFFFFFFFFFFFFFF
 
 
@@ -162,7 +181,7 @@ class ResampledShardList(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, _ = _worker()
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 1))
+        rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 1))
         while True:
             yield {"url": self.urls[rng.randrange(len(self.urls))]}
 
@@ -181,7 +200,7 @@ class ShardUrls(torch.utils.data.IterableDataset):
 def _shuffle_stage(bufsize: int, initial: int, seed: int, epoch: int, rank: int):
     def stage(src):
         worker, _ = _worker()
-        rng = random.Random(_seed(seed, epoch, rank, worker, 2))
+        rng = random.Random(derive_seed(seed, epoch, rank, worker, 2))
         return wds.filters._shuffle(src, bufsize, initial, rng)
 
     return stage
@@ -195,7 +214,7 @@ def _balance_stage(weights: np.ndarray, power: float, seed: int, epoch: int, ran
 
     def stage(src):
         worker, _ = _worker()
-        rng = random.Random(_seed(seed, epoch, rank, worker, 3))
+        rng = random.Random(derive_seed(seed, epoch, rank, worker, 3))
         for sample in src:
             try:
                 labels = json.loads(sample[META_EXT])["labels"]
@@ -222,7 +241,8 @@ def _decode_stage(features: FeatureConfig, norm: Normalization, num_classes: int
             except ValueError as err:
                 counter(err)
                 continue
-            x = norm.apply(torch.from_numpy(s.logmel.astype(np.float32)))[None]  # (1, M, T)
+            # decode_sample gives a fresh float32 array (either encoding): normalise it in place
+            x = norm.apply_(torch.from_numpy(s.logmel))[None]  # (1, M, T)
             y = torch.zeros(num_classes, dtype=torch.float32)
             y[s.labels] = 1.0
             yield {"key": s.key, "x": x, "y": y}
@@ -323,7 +343,8 @@ def build_train_loader(
     ]
     pipeline = wds.DataPipeline(*stages)
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                           pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                           worker_init_fn=ignore_stop_signals)
     it = iter(loader)
     for _ in range(skip_batches % w):
         next(it)
@@ -348,7 +369,7 @@ def build_eval_loader(shards: ShardSet, batch_size: int, num_workers: int, norm:
         _batch_stage(batch_size, partial=True, counter=counter),
     )
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                         pin_memory=torch.cuda.is_available())
+                         pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
 
 
 def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,22 @@
 """The training engine: config -> Accelerator -> data -> model -> optimizer -> loop -> checkpoints.
 
+:func:`train` reads top to bottom; each phase is one function of a :class:`TrainState`::
+
+    setup_training      open_data -> find_resume_checkpoint -> create_accelerator -> seed ->
+                        build_model -> EMA -> build_optimizer -> build_scheduler -> one prepare
+                        -> resume_training (load_state)
+    train_one_epoch     per micro-batch train_micro_step (augment, forward, compute_loss,
+                        backward); per optimizer step optimizer_step -> log_step -> end_step
+                        (the step boundary: checkpoint when due, stop at train.max_steps or
+                        when a rank got a stop signal: poll_stop)
+    end_epoch           evaluate_epoch (audioset_dcls.evaluate) -> count the epoch -> save_checkpoint
+    finish_training     corrupt-sample report -> export_model (model.safetensors) -> summary.json
+
+Stop signals (train.checkpoint_on_signal, audioset_dcls.preemption): every rank finishes its
+optimizer step, all agree at the step boundary, one checkpoint is written and train.py exits
+with status 75. A write that fails (disk full) on any rank fails on every rank with one line
+(OutputError), and the previous checkpoint stays the one --resume continues from.
+
 Order follows accelerate's ``complete_cv_example``: Accelerator -> trackers -> seed -> data ->
 model -> param groups / optimizer / scheduler -> one ``prepare`` (model, optimizer, scheduler
 only: the WebDataset loaders split by node themselves; see data.py) -> loop with
@@ -21,49 +38,68 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import itertools
 import json
 import math
 import os
+import pickle
 import shutil
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
+from tqdm.auto import tqdm
 
 from .augment import augment_batch
+from .checkpoint import CheckpointError, CheckpointInfo, save_inference_checkpoint
 from .config import Config, ConfigError, config_to_dict, to_yaml
 from .data import (
     DataError,
-    train_batches_per_rank,
     ShardSet,
-    build_eval_loader,
     build_train_loader,
+    derive_seed,
     move_batch,
     open_shard_set,
     resolve_normalization,
+    train_batches_per_rank,
 )
-from .metrics import tagging_metrics
-from .shards import hash_ids
+from .evaluate import append_jsonl, evaluate, format_result, summarize, write_per_class_csv
+from .features import Normalization
+from .files import write_text
+from .preemption import StopSignals, agree_to_stop, parse_stop_signals
 
 __all__ = [
     "lr_at",
     "gradient_accumulation_steps",
+    "build_model",
     "build_optimizer",
+    "build_scheduler",
+    "compute_loss",
     "ModelEma",
     "TrainProgress",
-    "evaluate",
+    "TrainState",
     "find_checkpoint",
+    "OutputError",
     "train",
 ]
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+
+log = get_logger("audioset_dcls.train")  # logs on the main process only unless told otherwise
+
+
+class OutputError(RuntimeError):
+    """The run directory could not be written (disk full, quota, permissions). Raised on every
+    rank; the message names the file and the checkpoint a ``--resume`` continues from."""
 
 
 def lr_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, warmup_lr: float = 0.0,
@@ -143,135 +179,234 @@ class TrainProgress:
         self.__dict__.update({k: int(v) for k, v in d.items()})
 
 
-# ------------------------------------------------------------------------------- evaluation
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The network ``cfg.model`` describes, freshly initialised from the global torch RNG (seed
+    first for identical replicas). Maps (B, 1, n_mels, T) log-mels to (B, num_classes) logits."""
+    from .models import create_model
+
+    return create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
+                        **_model_kwargs(cfg))
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, shards: ShardSet, cfg: Config, norm, accelerator) -> dict[str, Any] | None:
-    """Score every eval clip exactly once over all ranks; metrics on the main process.
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int,
+                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_at`` per optimizer step, as a factor of each param group's own lr (DCLS x5 kept)."""
+    peak, s = cfg.optim.lr, cfg.schedule
 
-    ``model`` is the unwrapped module (no DDP: ranks may see different numbers of batches).
-    Returns (main process; None elsewhere) ``{"mAP", "mAUC", "d_prime", "num_clips",
-    "clip_ids_sha256", "num_classes_scored", "corrupt", "per_class_ap", "per_class_auc",
-    "positives"}``.
+    def lr_factor(step: int) -> float:
+        return lr_at(step, peak=peak, total_steps=total_steps, warmup_steps=warmup_steps, warmup_lr=s.warmup_lr,
+                     min_lr=s.min_lr) / peak
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of (B, C) logits against (B, C) soft multi-hot targets, in fp32
+    whatever the autocast dtype. Returns a scalar."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+# ------------------------------------------------------------------------------ run state
+
+
+@dataclass
+class StepMeter:
+    """Loss and throughput since the last log line (this rank), and the first and last logged
+    mean losses (the summary's ``loss_first`` / ``loss_last``)."""
+
+    loss_sum: torch.Tensor  # on the device: adding to it needs no host sync per micro-step
+    count: int = 0
+    samples: int = 0  # clips over all processes
+    since: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.count += 1
+
+    def read(self, accelerator: Accelerator) -> tuple[float, float]:
+        """(mean loss over every rank's micro-steps, samples/s) since the last read; every rank
+        must call it (all-reduce). Starts the next window."""
+        mean = accelerator.reduce(self.loss_sum / max(1, self.count), reduction="mean").item()
+        dt = time.perf_counter() - self.since
+        sps = self.samples / dt if dt > 0 else float("nan")
+        self.first = mean if self.first is None else self.first
+        self.last = mean
+        self.loss_sum.zero_()
+        self.count, self.samples, self.since = 0, 0, time.perf_counter()
+        return mean, sps
+
+
+@dataclass
+class TrainState:
+    """What the phases of one run share. ``progress`` (with the model, optimizer, scheduler, EMA
+    and RNG states) is what checkpoints save; everything else is rebuilt from the config."""
+
+    cfg: Config
+    accelerator: Accelerator
+    train_set: ShardSet
+    eval_set: ShardSet | None
+    norm: Normalization
+    model: nn.Module  # as accelerator.prepare returned it (DDP-wrapped on several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEma | None
+    accum: int  # micro-steps per optimizer step
+    per_rank_batches: int  # micro-batches per epoch on each rank
+    total_steps: int  # optimizer steps of the whole schedule
+    warmup_steps: int
+    pad_value: float  # the normalised log-mel floor (silence): what time stretch pads with
+    progress: TrainProgress = field(default_factory=TrainProgress)
+    meter: StepMeter = field(init=False)
+    bar: Any = None  # tqdm over optimizer steps (disabled off the main process)
+    corrupt: dict[int, int] = field(default_factory=dict)  # loader worker -> its count of skipped samples
+    final_eval: dict[str, Any] | None = None  # summary of the latest evaluation (main process)
+    signals: StopSignals = field(default_factory=lambda: StopSignals(()))  # this rank's stop-signal flag
+    stopped_by: str = ""  # the signal all ranks agreed to stop on ("SIGTERM"), "" while running
+
+    def __post_init__(self) -> None:
+        self.meter = StepMeter(torch.zeros((), device=self.accelerator.device))
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def stop_at(self) -> int:
+        """The optimizer step training stops after: train.max_steps, else the schedule's end."""
+        return self.cfg.train.max_steps or self.total_steps
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluated and exported: the EMA with eval.use_ema, else the trained model."""
+        if self.ema is not None and self.cfg.eval.use_ema:
+            return self.ema.module
+        return self.accelerator.unwrap_model(self.model)
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training as ``cfg`` says. Returns the final summary (also written to
+    ``<output_dir>/summary.json``): ``{"step", "epoch", "samples_seen", "loss_first", "loss_last",
+    "eval": last eval summary or None, "checkpoint": inference checkpoint path (main process),
+    "finished", "stopped_by", "processes", "param_checksums": one float per rank}``.
+
+    On a stop signal (train.checkpoint_on_signal) it returns early with a checkpoint and
+    ``"stopped_by": "SIGTERM"`` (else ``""``) in the summary.
+
+    Raises DataError (shards), ConfigError (a config that does not fit the launch),
+    CheckpointError (nothing to resume, a run that would be overwritten, an unreadable checkpoint)
+    and OutputError (a checkpoint or result that could not be written: disk full).
     """
-    from accelerate.utils import gather_object
-
-    was_training = model.training
-    model.eval()
-    loader = build_eval_loader(shards, cfg.eval.batch_size, cfg.eval.num_workers, norm,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes)
-    keys: list[str] = []
-    scores, targets = [], []
-    corrupt: dict[int, int] = {}
-    for batch in loader:
-        x, y = move_batch(batch, accelerator.device)
-        with accelerator.autocast():
-            logits = model(x)
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
-        targets.append(y.cpu().numpy().astype(np.uint8))
-        keys.extend(batch["keys"])
-        corrupt[batch["worker"]] = batch["corrupt"]
-    c = shards.num_classes
-    local = (keys, np.concatenate(scores) if scores else np.zeros((0, c), np.float32),
-             np.concatenate(targets) if targets else np.zeros((0, c), np.uint8), sum(corrupt.values()))
-    parts = gather_object([local])  # one tuple per process, variable lengths: no padding
-    model.train(was_training)
-    if not accelerator.is_main_process:
-        return None
-    all_keys = [k for p in parts for k in p[0]]
-    if len(set(all_keys)) != len(all_keys):
-        raise RuntimeError(f"evaluation saw {len(all_keys) - len(set(all_keys))} clips twice: loader bug")
-    result = tagging_metrics(np.concatenate([p[2] for p in parts]), np.concatenate([p[1] for p in parts]))
-    result.update(num_clips=len(all_keys), clip_ids_sha256=hash_ids(all_keys),
-                  corrupt=int(sum(p[3] for p in parts)), manifest_clips=shards.num_samples)
-    return result
+    with StopSignals(parse_stop_signals(cfg.train.checkpoint_on_signal)) as signals:
+        state = setup_training(cfg, signals)
+        while state.progress.epoch < cfg.schedule.epochs and state.progress.step < state.stop_at:
+            if not train_one_epoch(state):
+                break  # stopped inside the epoch (train.max_steps, a signal): no eval of a partial epoch
+            end_epoch(state)
+            if poll_stop(state):
+                break  # end_epoch has just saved the checkpoint
+        return finish_training(state)
 
 
-def _write_eval(result: dict[str, Any], labels: tuple[dict, ...], out_dir: Path, epoch: int, step: int) -> Path:
-    """Per-class CSV (with label names) + one JSON line of the summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"per_class_ap_epoch{epoch:03d}.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "mid", "name", "ap", "auc", "positives"])
-        for i, lab in enumerate(labels):
-            w.writerow([i, lab["mid"], lab["name"], f"{result['per_class_ap'][i]:.6f}",
-                        f"{result['per_class_auc'][i]:.6f}", int(result["positives"][i])])
-    with open(out_dir / "results.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": epoch, "step": step, **_summary(result)}) + "\n")
-    return csv_path
+# ---------------------------------------------------------------------------------- setup
 
 
-def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("mAP", "mAUC", "d_prime", "num_clips", "clip_ids_sha256", "num_classes_scored", "corrupt", "manifest_clips")
-    return {k: result[k] for k in keys}
+def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainState:
+    """Everything a run needs, in accelerate's order, resumed from its checkpoint if asked.
+    Bad data or a bad resume request fail before any process group or model is built.
+    ``signals``: this rank's stop-signal flag (installed by :func:`train`)."""
+    train_set, eval_set, norm = open_data(cfg)
+    resume_from = find_resume_checkpoint(cfg)
+    accelerator = create_accelerator(cfg)
+    world = accelerator.num_processes
+    accum = gradient_accumulation_steps(cfg.optim.batch_size, cfg.data.batch_size, world)
+    start_run_dir(accelerator, cfg)
+    set_seed(cfg.train.seed)  # same initial weights on every rank
+    model = build_model(cfg, train_set.num_classes)
+    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    optimizer = build_optimizer(model, cfg)
+    samples_per_epoch = cfg.data.samples_per_epoch or train_set.num_samples
+    per_rank_batches = train_batches_per_rank(samples_per_epoch, cfg.data.batch_size, world, cfg.data.num_workers,
+                                              accum)
+    steps_per_epoch = per_rank_batches // accum
+    total_steps = cfg.schedule.epochs * steps_per_epoch
+    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, total_steps, warmup_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    pad_value = norm.apply(torch.tensor(10.0 * math.log10(train_set.features.amin))).item()
+    state = TrainState(cfg, accelerator, train_set, eval_set, norm, model, optimizer, scheduler, ema, accum,
+                       per_rank_batches, total_steps, warmup_steps, pad_value)
+    if signals is not None:
+        state.signals = signals
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(state.progress)
+    log_plan(state)
+    resume_training(state, resume_from)
+    state.bar = tqdm(total=total_steps, initial=state.progress.step, dynamic_ncols=True, desc="train",
+                     disable=not (accelerator.is_main_process and cfg.train.progress_bar))
+    state.model.train()
+    return state
 
 
-# ------------------------------------------------------------------------------ checkpoints
+def open_data(cfg: Config) -> tuple[ShardSet, ShardSet | None, Normalization]:
+    """(train shards, eval shards or None, normalisation); DataError when they are missing, damaged
+    (data.verify_shards) or do not fit together."""
+    verify = cfg.data.verify_shards
+    if verify == "sha256" and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        verify = "size"  # one hashing process per machine; its DataError stops the whole launch
+    train_set = open_shard_set(cfg.data.train, "data.train", verify)
+    eval_set = open_shard_set(cfg.data.eval, "data.eval", verify) if cfg.data.eval else None
+    if eval_set is not None and eval_set.num_classes != train_set.num_classes:
+        raise DataError(f"data.eval has {eval_set.num_classes} classes, data.train {train_set.num_classes}")
+    if eval_set is not None and eval_set.features != train_set.features:
+        raise DataError("data.train and data.eval were built with different feature configs")
+    return train_set, eval_set, resolve_normalization(cfg.data, train_set)
 
 
-def find_checkpoint(output_dir: str | Path) -> Path | None:
-    """The latest complete checkpoint directory of a run, or None."""
-    ckpt_dir = Path(output_dir) / CHECKPOINTS
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        path = ckpt_dir / latest.read_text().strip()
-        if path.is_dir():
-            return path
-    return None
+def create_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator; ConfigError when it does not see the processes that were launched."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate runs a multi-process launch without CUDA as N independent single-process runs
+    # unless the CPU is forced: force it (gloo) when there is no GPU.
+    force_cpu = launched > 1 and not torch.cuda.is_available()
+    # step_scheduler_with_optimizer=False: our schedule is in optimizer steps; accelerate would
+    # otherwise step it num_processes times per step.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                              log_with=None if cfg.train.tracker == "none" else cfg.train.tracker, cpu=force_cpu,
+                              project_dir=str(Path(cfg.train.output_dir)), step_scheduler_with_optimizer=False)
+    if accelerator.num_processes != launched:
+        raise ConfigError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}; on "
+                          "CPUs set ACCELERATE_USE_CPU=1")
+    return accelerator
 
 
-def _save_training_state(accelerator, cfg: Config, progress: TrainProgress) -> Path:
-    """accelerate state -> ``checkpoints/.tmp-step_N`` -> renamed to ``step_N``; then the
-    ``latest`` pointer is replaced atomically and old checkpoints pruned. A job killed at any
-    moment leaves the previous checkpoint intact. The directory must be on a file system every
-    process can write to (shared across nodes)."""
-    ckpt_dir = Path(cfg.train.output_dir) / CHECKPOINTS
-    name = f"step_{progress.step:08d}"
-    final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
+def start_run_dir(accelerator: Accelerator, cfg: Config) -> None:
+    """The output folder with the resolved ``config.yaml``; trackers (TensorBoard) log under it."""
+    out_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.wait_for_everyone()
-    # Shared DCLS positions appear under several keys: safetensors refuses that, so pickle.
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = ckpt_dir / (LATEST + ".tmp")
-        pointer.write_text(name + "\n")
-        os.replace(pointer, ckpt_dir / LATEST)
-        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in done[: max(0, len(done) - cfg.train.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.yaml", to_yaml(cfg))
+    if cfg.train.tracker != "none":
+        accelerator.init_trackers("tensorboard", config=_flat_hparams(cfg))
 
 
-def _resume_path(cfg: Config) -> Path | None:
-    r = cfg.train.resume
-    if r == "auto":
-        return find_checkpoint(cfg.train.output_dir)
-    if r:
-        p = Path(r)
-        if (p / CHECKPOINTS / LATEST).is_file():  # a run directory
-            p = find_checkpoint(p)
-        if p is None or not p.is_dir():
-            raise DataError(f"train.resume={r}: no checkpoint there")
-        return p
-    if find_checkpoint(cfg.train.output_dir) is not None:
-        raise DataError(
-            f"{cfg.train.output_dir} already holds checkpoints: pass --resume (train.resume=auto) to continue "
-            "it, or choose another train.output_dir"
-        )
-    return None
-
-
-# ------------------------------------------------------------------------------------- loop
+def log_plan(state: TrainState) -> None:
+    """Two lines: what is trained on what, and how the batch and schedule come out."""
+    cfg, t, e = state.cfg, state.train_set, state.eval_set
+    n_params = sum(p.numel() for p in state.accelerator.unwrap_model(state.model).parameters())
+    log.info(f"model {cfg.model.name}: {n_params:,} parameters, {t.num_classes} classes; "
+             f"train {t.num_samples} clips in {len(t.urls)} shards"
+             + (f", eval {e.num_samples} clips" if e else ", no eval set"))
+    log.info(f"{state.accelerator.num_processes} process(es) x batch {cfg.data.batch_size} x accumulation "
+             f"{state.accum} = {cfg.optim.batch_size} clips/step; {state.per_rank_batches // state.accum} steps/epoch, "
+             f"{state.total_steps} steps, warmup {state.warmup_steps}; normalisation mean {state.norm.mean} std "
+             f"{state.norm.std}; mixed precision {cfg.train.mixed_precision}")
 
 
 def _flat_hparams(cfg: Config) -> dict[str, Any]:
@@ -288,224 +423,341 @@ def _model_kwargs(cfg: Config) -> dict[str, Any]:
     return kw
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) training as ``cfg`` says. Returns the final summary (also written to
-    ``<output_dir>/summary.json``): ``{"step", "epoch", "samples_seen", "loss_first", "loss_last",
-    "eval": last eval summary or None, "checkpoint": inference checkpoint path (main process),
-    "finished", "processes", "param_checksums": one float per rank}``."""
-    from accelerate import Accelerator
-    from accelerate.logging import get_logger
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+# --------------------------------------------------------------------------------- resume
 
-    from .checkpoint import CheckpointInfo, save_inference_checkpoint
-    from .models import create_model
 
-    log = get_logger("audioset_dcls.train")
-    out_dir = Path(cfg.train.output_dir)
-    tracker = None if cfg.train.tracker == "none" else cfg.train.tracker
-    # Data first: a missing path should fail before any process group or model is built.
-    train_set = open_shard_set(cfg.data.train, "data.train")
-    eval_set = open_shard_set(cfg.data.eval, "data.eval") if cfg.data.eval else None
-    if eval_set is not None and eval_set.num_classes != train_set.num_classes:
-        raise DataError(f"data.eval has {eval_set.num_classes} classes, data.train {train_set.num_classes}")
-    if eval_set is not None and eval_set.features != train_set.features:
-        raise DataError("data.train and data.eval were built with different feature configs")
-    norm = resolve_normalization(cfg.data, train_set)
-    resume_from = _resume_path(cfg)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # accelerate runs a multi-process launch without CUDA as N independent single-process runs
-    # unless the CPU is forced: force it (gloo) when there is no GPU.
-    force_cpu = launched > 1 and not torch.cuda.is_available()
-    # step_scheduler_with_optimizer=False: our schedule is in optimizer steps; accelerate would
-    # otherwise step it num_processes times per step.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=tracker, cpu=force_cpu,
-                              project_dir=str(out_dir), step_scheduler_with_optimizer=False)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if world != launched:
-        raise ConfigError(f"launched as {launched} processes but accelerate sees {world}; on CPUs set "
-                          "ACCELERATE_USE_CPU=1")
+def find_checkpoint(output_dir: str | Path) -> Path | None:
+    """The latest complete checkpoint directory of a run (the one ``latest`` names; without a
+    usable ``latest``, the highest ``step_*``: only complete ones are ever renamed to that), or None."""
+    ckpt_dir = Path(output_dir) / CHECKPOINTS
+    latest = ckpt_dir / LATEST
+    if latest.is_file():
+        path = ckpt_dir / latest.read_text().strip()
+        if path.is_dir():
+            return path
+    done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+    return done[-1] if done else None
 
-    accum = gradient_accumulation_steps(cfg.optim.batch_size, cfg.data.batch_size, world)
 
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    if tracker:
-        accelerator.init_trackers("tensorboard", config=_flat_hparams(cfg))
-    set_seed(cfg.train.seed)  # same initial weights on every rank
+def find_resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint ``train.resume`` asks for ("auto": the run's latest, if any; a run or
+    checkpoint directory), or None for a fresh start. CheckpointError when there is none where
+    one was named, or when a fresh start would overwrite a run's checkpoints."""
+    r = cfg.train.resume
+    if r == "auto":
+        return find_checkpoint(cfg.train.output_dir)
+    if r:
+        p = Path(r)
+        if (p / CHECKPOINTS / LATEST).is_file():  # a run directory
+            p = find_checkpoint(p)
+        if p is None or not p.is_dir():
+            raise CheckpointError(f"train.resume={r}: no checkpoint there")
+        return p
+    if find_checkpoint(cfg.train.output_dir) is not None:
+        raise CheckpointError(
+            f"{cfg.train.output_dir} already holds checkpoints: pass --resume (train.resume=auto) to continue "
+            "it, or choose another train.output_dir"
+        )
+    return None
 
-    model = create_model(cfg.model.name, num_classes=train_set.num_classes,
-                         drop_path_rate=cfg.model.drop_path_rate, **_model_kwargs(cfg))
-    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    optimizer = build_optimizer(model, cfg)
-    samples_per_epoch = cfg.data.samples_per_epoch or train_set.num_samples
-    per_rank_batches = train_batches_per_rank(samples_per_epoch, cfg.data.batch_size, world, cfg.data.num_workers, accum)
-    steps_per_epoch = per_rank_batches // accum
-    total_steps = cfg.schedule.epochs * steps_per_epoch
-    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
-    peak = cfg.optim.lr
 
-    def lr_factor(step: int) -> float:  # LambdaLR scales every group's own lr (DCLS x5 kept)
-        return lr_at(step, peak=peak, total_steps=total_steps, warmup_steps=warmup_steps,
-                     warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr) / peak
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    progress = TrainProgress()
-    accelerator.register_for_checkpointing(progress)
-
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    log.info(f"model {cfg.model.name}: {n_params:,} parameters, {train_set.num_classes} classes; "
-             f"train {train_set.num_samples} clips in {len(train_set.urls)} shards"
-             + (f", eval {eval_set.num_samples} clips" if eval_set else ", no eval set"), main_process_only=True)
-    log.info(f"{world} process(es) x batch {cfg.data.batch_size} x accumulation {accum} = {cfg.optim.batch_size} "
-             f"clips/step; {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps}; "
-             f"normalisation mean {norm.mean} std {norm.std}; mixed precision {cfg.train.mixed_precision}",
-             main_process_only=True)
-    if world > 1:
+def resume_training(state: TrainState, path: Path | None) -> None:
+    """Load the checkpoint at ``path`` (model, optimizer, scheduler, EMA, RNG states, progress)
+    on every rank; nothing when no rank has one."""
+    if state.accelerator.num_processes > 1:
         # Every rank must load the same checkpoint: on a shared file system another writer (a
         # straggler of the killed job, a slow metadata cache) can move `latest` between two
         # ranks' reads, and ranks resumed at different steps deadlock or mismatch collectives.
-        from accelerate.utils import broadcast_object_list
+        chosen = broadcast_object_list([str(path) if path is not None else None], from_process=0)[0]
+        path = Path(chosen) if chosen is not None else None
+    if path is None:
+        return
+    try:
+        state.accelerator.load_state(str(path))
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__  # one line, whatever torch says
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint: {reason}") from err
+    p = state.progress
+    log.info(f"resumed from {path}: epoch {p.epoch}, step {p.step}, {p.batches_in_epoch} batches into the epoch")
 
-        chosen = broadcast_object_list([str(resume_from) if resume_from is not None else None], from_process=0)[0]
-        resume_from = Path(chosen) if chosen is not None else None
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        log.info(f"resumed from {resume_from}: epoch {progress.epoch}, step {progress.step}, "
-                 f"{progress.batches_in_epoch} batches into the epoch", main_process_only=True)
 
-    criterion = nn.BCEWithLogitsLoss()
-    pad_value = norm.apply(torch.tensor(10.0 * math.log10(train_set.features.amin))).item()
-    stop_at = cfg.train.max_steps or total_steps
-    loss_first = loss_last = None
-    final_eval = None
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count = 0
-    corrupt: dict[int, int] = {}
-    t_log, samples_log = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not (accelerator.is_main_process and cfg.train.progress_bar),
-               dynamic_ncols=True, desc="train")
-    model.train()
+# ---------------------------------------------------------------------------------- epoch
 
-    while progress.epoch < cfg.schedule.epochs and progress.step < stop_at:
-        epoch = progress.epoch
-        loader, _ = build_train_loader(train_set, cfg.data, norm, epoch=epoch, seed=cfg.train.seed, rank=rank,
-                                       world_size=world, accum=accum, skip_batches=progress.batches_in_epoch)
-        for batch in loader:
-            micro = epoch * per_rank_batches + progress.batches_in_epoch  # this rank's micro-step index
-            last_micro = (progress.batches_in_epoch + 1) % accum == 0
-            corrupt[batch["worker"]] = batch["corrupt"]
-            x, y = move_batch(batch, accelerator.device)
-            torch.manual_seed(_step_seed(cfg.train.seed, rank, micro, 0))  # drop path
-            gen = torch.Generator(device=accelerator.device).manual_seed(_step_seed(cfg.train.seed, rank, micro, 1))
-            x, y = augment_batch(x, y, cfg.augment, gen, pad_value=pad_value)
-            # Only the last micro-step of an optimizer step all-reduces gradients.
-            ctx = accelerator.no_sync(model) if not last_micro else contextlib.nullcontext()
-            with ctx:
-                logits = model(x)
-                loss = criterion(logits.float(), y)
-                accelerator.backward(loss / accum)
-            loss_sum += loss.detach()
-            loss_count += 1
-            progress.batches_in_epoch += 1
-            if not last_micro:
-                continue
-            if cfg.optim.clip_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
-            progress.step += 1
-            progress.samples_seen += cfg.optim.batch_size
-            samples_log += cfg.optim.batch_size
-            bar.update(1)
-            if progress.step % cfg.train.log_every_steps == 0 or progress.step == 1 or progress.step == stop_at:
-                mean_loss = accelerator.reduce(loss_sum / max(1, loss_count), reduction="mean").item()
-                dt = time.perf_counter() - t_log
-                sps = samples_log / dt if dt > 0 else float("nan")
-                lr = scheduler.get_last_lr()[0]
-                loss_first = mean_loss if loss_first is None else loss_first
-                loss_last = mean_loss
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.0f}")
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": sps,
-                                 "train/epoch": epoch + progress.batches_in_epoch / per_rank_batches},
-                                step=progress.step)
-                if not cfg.train.progress_bar:
-                    log.info(f"epoch {epoch} step {progress.step}/{total_steps} loss {mean_loss:.4f} "
-                             f"lr {lr:.3e} {sps:.1f} samples/s", main_process_only=True)
-                loss_sum.zero_()
-                loss_count, t_log, samples_log = 0, time.perf_counter(), 0
-            # The epoch's last step is saved after its evaluation (below), not here as well.
-            epoch_done = progress.batches_in_epoch == per_rank_batches
-            if not epoch_done and (progress.step % cfg.train.checkpoint_every_steps == 0 or progress.step == stop_at):
-                _save_training_state(accelerator, cfg, progress)
-            if progress.step >= stop_at:
-                break
-        if progress.batches_in_epoch < per_rank_batches:
-            if progress.step < stop_at:
-                raise DataError(f"epoch {epoch}: the train loader ended after {progress.batches_in_epoch} of "
-                                f"{per_rank_batches} batches (every shard unreadable?)")
-            break  # stopped early (train.max_steps): no eval of a partial epoch
-        # End of epoch: evaluate, then count the epoch done (a checkpoint taken on the epoch's
-        # last step, before this point, makes a resumed run evaluate it).
-        last_epoch = epoch + 1 == cfg.schedule.epochs
-        if eval_set is not None and ((epoch + 1) % cfg.eval.every_epochs == 0 or last_epoch):
-            eval_model = ema.module if (ema is not None and cfg.eval.use_ema) else accelerator.unwrap_model(model)
-            result = evaluate(eval_model, eval_set, cfg, norm, accelerator)
-            if accelerator.is_main_process:
-                csv_path = _write_eval(result, eval_set.labels, out_dir / "eval", epoch, progress.step)
-                final_eval = _summary(result)
-                accelerator.log({"eval/mAP": result["mAP"], "eval/mAUC": result["mAUC"],
-                                 "eval/d_prime": result["d_prime"]}, step=progress.step)
-                log.info(f"eval epoch {epoch}: mAP {result['mAP']:.4f} AUC {result['mAUC']:.4f} "
-                         f"d' {result['d_prime']:.3f} on {result['num_clips']} clips "
-                         f"(ids sha256 {result['clip_ids_sha256'][:12]}, {result['corrupt']} corrupt skipped); "
-                         f"per-class AP: {csv_path}", main_process_only=True)
-        progress.epoch += 1
-        progress.batches_in_epoch = 0
-        _save_training_state(accelerator, cfg, progress)
-    bar.close()
 
-    total_corrupt = accelerator.reduce(torch.tensor(float(sum(corrupt.values())), device=accelerator.device),
-                                       reduction="sum").item()
-    if total_corrupt:
-        log.warning(f"skipped {int(total_corrupt)} corrupt training samples in the last epoch", main_process_only=True)
-    finished = progress.epoch >= cfg.schedule.epochs
-    ckpt_path = None
-    unwrapped = accelerator.unwrap_model(model)
-    export = ema.module if (ema is not None and cfg.eval.use_ema) else unwrapped
-    if finished and accelerator.is_main_process:
-        info = CheckpointInfo(
-            model_name=cfg.model.name, num_classes=train_set.num_classes, features=train_set.features,
-            normalization=norm, labels=[dict(lab) for lab in train_set.labels],
-            model_kwargs={k: v for k, v in _model_kwargs(cfg).items() if k != "pretrained_path"},
-            extra={"config": config_to_dict(cfg), "eval": final_eval,
-                   "train": {"steps": progress.step, "epochs": progress.epoch, "samples_seen": progress.samples_seen,
-                             "train_clips": train_set.num_samples, "processes": world, "ema": ema is not None}},
-        )
-        ckpt_path = str(save_inference_checkpoint(out_dir / "model.safetensors", export.state_dict(), info))
-        log.info(f"inference checkpoint: {ckpt_path}", main_process_only=True)
+def train_one_epoch(state: TrainState) -> bool:
+    """Train on what is left of the current epoch. True when the epoch is complete, False when
+    training stopped inside it (train.max_steps)."""
+    cfg, p = state.cfg, state.progress
+    loader, _ = build_train_loader(state.train_set, cfg.data, state.norm, epoch=p.epoch, seed=cfg.train.seed,
+                                   rank=state.accelerator.process_index, world_size=state.accelerator.num_processes,
+                                   accum=state.accum, skip_batches=p.batches_in_epoch)
+    for batch in loader:
+        state.corrupt[batch["worker"]] = batch["corrupt"]
+        if not train_micro_step(state, batch):
+            continue  # gradients accumulate until the optimizer step's last micro-batch
+        optimizer_step(state)
+        log_step(state)
+        if end_step(state):
+            break
+    if state.stopped_by:
+        return False
+    if p.batches_in_epoch < state.per_rank_batches:
+        if p.step < state.stop_at:
+            raise DataError(f"epoch {p.epoch}: the train loader ended after {p.batches_in_epoch} of "
+                            f"{state.per_rank_batches} batches (every shard unreadable?)")
+        return False
+    return True
+
+
+def train_micro_step(state: TrainState, batch: dict) -> bool:
+    """Augment, forward, loss and backward of one micro-batch (x (B, 1, n_mels, T), y (B, C)).
+    True when it is the last micro-batch of an optimizer step."""
+    cfg, p, acc = state.cfg, state.progress, state.accelerator
+    micro = p.epoch * state.per_rank_batches + p.batches_in_epoch  # this rank's micro-step index
+    last_micro = (p.batches_in_epoch + 1) % state.accum == 0
+    x, y = move_batch(batch, acc.device)
+    torch.manual_seed(derive_seed(cfg.train.seed, acc.process_index, micro, 0))  # drop path
+    gen = torch.Generator(device=acc.device).manual_seed(derive_seed(cfg.train.seed, acc.process_index, micro, 1))
+    x, y = augment_batch(x, y, cfg.augment, gen, pad_value=state.pad_value)
+    # Only the last micro-step of an optimizer step all-reduces gradients.
+    with acc.no_sync(state.model) if not last_micro else contextlib.nullcontext():
+        loss = compute_loss(state.model(x), y)
+        acc.backward(loss / state.accum)
+    state.meter.add(loss)
+    p.batches_in_epoch += 1
+    return last_micro
+
+
+def optimizer_step(state: TrainState) -> None:
+    """Apply the accumulated gradients (clipped if asked), advance the schedule and the EMA."""
+    cfg, acc = state.cfg, state.accelerator
+    if cfg.optim.clip_grad_norm > 0:
+        acc.clip_grad_norm_(state.model.parameters(), cfg.optim.clip_grad_norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update(acc.unwrap_model(state.model))
+    state.progress.step += 1
+    state.progress.samples_seen += cfg.optim.batch_size
+    state.meter.samples += cfg.optim.batch_size
+    state.bar.update(1)
+
+
+def log_step(state: TrainState) -> None:
+    """On the first and last step and every train.log_every_steps: mean loss over all ranks, lr
+    and samples/s to the progress bar (or the log) and the tracker."""
+    cfg, p = state.cfg, state.progress
+    if not (p.step % cfg.train.log_every_steps == 0 or p.step == 1 or p.step == state.stop_at):
+        return
+    loss, sps = state.meter.read(state.accelerator)
+    lr = state.scheduler.get_last_lr()[0]
+    state.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.0f}")
+    state.accelerator.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": sps,
+                           "train/epoch": p.epoch + p.batches_in_epoch / state.per_rank_batches}, step=p.step)
+    if not cfg.train.progress_bar:
+        log.info(f"epoch {p.epoch} step {p.step}/{state.total_steps} loss {loss:.4f} lr {lr:.3e} {sps:.1f} samples/s")
+
+
+def end_step(state: TrainState) -> bool:
+    """The optimizer-step boundary, where every rank stands at the same step: save a checkpoint
+    when one is due or a stop signal came. True when training stops here."""
+    cfg, p = state.cfg, state.progress
+    stop = poll_stop(state)
+    # The epoch's last step is saved after its evaluation (end_epoch), not here as well, unless
+    # a signal stops the run first: the resumed run then evaluates the epoch.
+    epoch_done = p.batches_in_epoch == state.per_rank_batches
+    if stop or (not epoch_done and (p.step % cfg.train.checkpoint_every_steps == 0 or p.step == state.stop_at)):
+        save_checkpoint(state)
+    return stop or p.step >= state.stop_at
+
+
+def poll_stop(state: TrainState) -> bool:
+    """True on every rank once any rank has received a stop signal (one all-reduce per call when
+    train.checkpoint_on_signal is set; every rank must call it at the same point)."""
+    if state.stopped_by:
+        return True
+    if not state.signals.signals:
+        return False
+    agreed = agree_to_stop(state.signals.received, state.accelerator)
+    if agreed:
+        p = state.progress
+        state.stopped_by = signal.Signals(agreed).name
+        log.warning(f"{state.stopped_by} received: stopping after step {p.step} (epoch {p.epoch}, batch "
+                    f"{p.batches_in_epoch} of {state.per_rank_batches}) with a checkpoint")
+    return bool(agreed)
+
+
+def end_epoch(state: TrainState) -> None:
+    """Evaluate when due, then count the epoch done and save it. (A checkpoint taken on the
+    epoch's last step, before this point, makes a resumed run evaluate the epoch.)"""
+    cfg, p = state.cfg, state.progress
+    last_epoch = p.epoch + 1 == cfg.schedule.epochs
+    if state.eval_set is not None and ((p.epoch + 1) % cfg.eval.every_epochs == 0 or last_epoch):
+        evaluate_epoch(state)
+    p.epoch += 1
+    p.batches_in_epoch = 0
+    save_checkpoint(state)
+
+
+def evaluate_epoch(state: TrainState) -> None:
+    """Evaluate the eval weights on every eval clip (all ranks); the main process writes
+    ``eval/per_class_ap_epochNNN.csv``, appends to ``eval/results.jsonl``, logs and tracks."""
+    cfg, acc, p = state.cfg, state.accelerator, state.progress
+    result = evaluate(state.eval_model, state.eval_set, state.norm, batch_size=cfg.eval.batch_size,
+                      num_workers=cfg.eval.num_workers, accelerator=acc)
+    eval_dir = state.out_dir / "eval"
+    csv_path = eval_dir / f"per_class_ap_epoch{p.epoch:03d}.csv"
+
+    def write_results() -> None:
+        write_per_class_csv(csv_path, result, state.eval_set.labels)
+        append_jsonl(eval_dir / "results.jsonl", {"epoch": p.epoch, "step": p.step, **summarize(result)})
+
+    write_everywhere(state, write_results if acc.is_main_process else None, f"eval results in {eval_dir}")
+    if not acc.is_main_process:
+        return
+    state.final_eval = summarize(result)
+    acc.log({"eval/mAP": result["mAP"], "eval/mAUC": result["mAUC"], "eval/d_prime": result["d_prime"]}, step=p.step)
+    log.info(f"eval epoch {p.epoch}: {format_result(result)}; per-class AP: {csv_path}")
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(state: TrainState) -> Path:
+    """accelerate state -> ``checkpoints/.tmp-step_N`` -> renamed to ``step_N``; then the
+    ``latest`` pointer is replaced atomically and old checkpoints pruned. A job killed at any
+    moment leaves the previous checkpoint intact; a write that fails on any rank (disk full)
+    removes the partial one and raises OutputError on every rank. The directory must be on a
+    file system every process can write to (shared across nodes). Every rank must call it."""
+    acc, cfg = state.accelerator, state.cfg
+    main = acc.is_main_process
+    ckpt_dir = state.out_dir / CHECKPOINTS
+    name = f"step_{state.progress.step:08d}"
+    final, tmp, aside = ckpt_dir / name, ckpt_dir / f".tmp-{name}", ckpt_dir / f".old-{name}"
+    previous = find_checkpoint(state.out_dir)
+
+    def start() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_text(tmp / "config.yaml", to_yaml(cfg))
+
+    def publish() -> None:
+        if final.exists():  # the same step saved again (a resumed run ending its epoch): swap, never delete first
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        write_text(ckpt_dir / LATEST, name + "\n")
+
+    def clean_up() -> None:  # after a failure: free the space; `latest` keeps naming the previous checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = ckpt_dir / LATEST
+        if not (latest.is_file() and latest.read_text().strip() == name):
+            shutil.rmtree(final, ignore_errors=True)
+            if aside.is_dir():
+                os.replace(aside, final)
+
+    what = f"checkpoint {final}"
+    resume = f"--resume continues from {previous}" if previous else "no earlier checkpoint to resume from"
+    write_everywhere(state, start if main else None, what, clean_up if main else None, resume)
+    # Shared DCLS positions appear under several keys: safetensors refuses that, so pickle.
+    write_everywhere(state, lambda: acc.save_state(str(tmp), safe_serialization=False), what,
+                     clean_up if main else None, resume)
+    write_everywhere(state, publish if main else None, what, clean_up if main else None, resume)
+    if main:
+        shutil.rmtree(aside, ignore_errors=True)
+        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for old in done[: max(0, len(done) - cfg.train.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def write_everywhere(state: TrainState, write: Any, what: str, clean_up: Any = None, resume: str = "") -> None:
+    """Run ``write()`` on this rank (None: nothing to write here) and agree with every rank on
+    the outcome (one gather: it also stands for a barrier). When it failed on any rank, the
+    main process runs ``clean_up()`` and every rank raises the same one-line OutputError, so no
+    rank is left waiting at the next collective for one that died."""
+    failure = None
+    if write is not None:
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001: anything a rank cannot write must stop all of them
+            failure = describe_write_error(err, state.out_dir)
+    if state.accelerator.num_processes > 1:
+        failure = next((f for f in gather_object([failure]) if f), None)
+    if failure is None:
+        return
+    if clean_up is not None:
+        clean_up()
+    if not resume:
+        latest = find_checkpoint(state.out_dir)
+        resume = f"--resume continues from {latest}" if latest else "no checkpoint to resume from yet"
+    raise OutputError(f"cannot write {what}: {failure}; {resume}")
+
+
+def describe_write_error(err: BaseException, where: Path) -> str:
+    """One line: the error (torch.save reports a full disk as an opaque RuntimeError) and the
+    space left on the file system of ``where``."""
+    reason = " ".join(str(err).split())[:300] or type(err).__name__
+    if not isinstance(err, OSError):
+        reason = f"{type(err).__name__}: {reason}"
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return reason
+    return f"{reason} ({free / 1e6:.1f} MB free there)"
+
+
+def export_model(state: TrainState) -> Path:
+    """``model.safetensors``: the eval weights with what tagging needs (model, features,
+    normalisation, labels; checkpoint.CheckpointInfo), the config and the last eval summary."""
+    cfg, t, p = state.cfg, state.train_set, state.progress
+    info = CheckpointInfo(
+        model_name=cfg.model.name, num_classes=t.num_classes, features=t.features, normalization=state.norm,
+        labels=[dict(lab) for lab in t.labels],
+        model_kwargs={k: v for k, v in _model_kwargs(cfg).items() if k != "pretrained_path"},
+        extra={"config": config_to_dict(cfg), "eval": state.final_eval,
+               "train": {"steps": p.step, "epochs": p.epoch, "samples_seen": p.samples_seen,
+                         "train_clips": t.num_samples, "processes": state.accelerator.num_processes,
+                         "ema": state.ema is not None}},
+    )
+    path = save_inference_checkpoint(state.out_dir / "model.safetensors", state.eval_model.state_dict(), info)
+    log.info(f"inference checkpoint: {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------- finish
+
+
+def finish_training(state: TrainState) -> dict[str, Any]:
+    """Report skipped samples, export the inference checkpoint (finished runs), write
+    ``summary.json`` and close the trackers. Returns the summary (see :func:`train`)."""
+    acc, p = state.accelerator, state.progress
+    state.bar.close()
+    corrupt = acc.reduce(torch.tensor(float(sum(state.corrupt.values())), device=acc.device), reduction="sum").item()
+    if corrupt:
+        log.warning(f"skipped {int(corrupt)} corrupt training samples in the last epoch")
+    finished = p.epoch >= state.cfg.schedule.epochs
+    main = acc.is_main_process
+    checkpoint = state.out_dir / "model.safetensors" if finished and main else None
+    write_everywhere(state, (lambda: export_model(state)) if checkpoint else None,
+                     f"the inference checkpoint {state.out_dir / 'model.safetensors'}")
     # Every rank's parameter checksum: equal values prove the replicas stayed in sync.
-    from accelerate.utils import gather_object
-
-    checksum = float(sum(p.detach().double().sum().item() for p in unwrapped.parameters()))
-    summary = {"step": progress.step, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
-               "loss_first": loss_first, "loss_last": loss_last, "eval": final_eval, "checkpoint": ckpt_path,
-               "finished": finished, "processes": world, "param_checksums": gather_object([checksum])}
-    if accelerator.is_main_process:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    checksum = float(sum(w.detach().double().sum().item() for w in acc.unwrap_model(state.model).parameters()))
+    summary = {"step": p.step, "epoch": p.epoch, "samples_seen": p.samples_seen, "loss_first": state.meter.first,
+               "loss_last": state.meter.last, "eval": state.final_eval,
+               "checkpoint": str(checkpoint) if checkpoint else None, "finished": finished,
+               "stopped_by": "" if finished else state.stopped_by, "processes": acc.num_processes,
+               "param_checksums": gather_object([checksum])}
+    summary_path = state.out_dir / "summary.json"
+    write_everywhere(state, (lambda: write_text(summary_path, json.dumps(summary, indent=1) + "\n")) if main else None,
+                     str(summary_path))
+    if summary["stopped_by"]:
+        log.warning(f"stopped by {state.stopped_by} at step {p.step}: checkpoint {find_checkpoint(state.out_dir)}; "
+                    "continue with --resume")
+    acc.end_training()
     return summary
-
-
-def _step_seed(seed: int, rank: int, micro: int, stream: int) -> int:
-    return hash((seed, rank, micro, stream)) & 0x7FFFFFFFFFFFFFFF
-

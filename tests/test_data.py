@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from audioset_dcls.data import (
     resolve_normalization,
     train_batches_per_rank,
 )
-from audioset_dcls.features import Normalization
-from audioset_dcls.shards import encode_sample, hash_ids, read_manifest
+from audioset_dcls.features import FeatureConfig, Normalization
+from audioset_dcls.shards import LOGMEL_EXT, LOGMEL_U8_EXT, encode_sample, hash_ids, read_manifest, sha256_file
 from train_shards import session_shards, write_direct_shards
 
 
@@ -103,6 +105,32 @@ def test_train_stream_is_reproducible_per_epoch_and_resumes_mid_epoch(shards):
         assert keys(0, skip=skip) == full[skip:]
 
 
+def test_loader_workers_leave_stop_signals_to_their_rank(shards):
+    """A scheduler signals every process of a job, loader workers included: they must keep
+    feeding the rank, which finishes its step and checkpoints (training.py)."""
+    import signal
+
+    train_dir, _ = shards
+    s = open_shard_set(train_dir, "data.train")
+    cfg = DataConfig(batch_size=4, num_workers=2, shuffle_buffer=20, shuffle_initial=5)
+
+    def children() -> set[int]:
+        return {int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                if p.read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid())}
+
+    # Loader workers of earlier tests may still be shutting down: only count the new ones.
+    before = children()
+    it, per_rank = build_train_loader(s, cfg, Normalization(), epoch=0, seed=0, rank=0, world_size=1, accum=1)
+    batches = [next(it)]
+    workers = children() - before
+    assert len(workers) == 2
+    for pid in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            os.kill(pid, sig)
+    batches += list(it)
+    assert len(batches) == per_rank
+
+
 def test_train_batches_per_rank_arithmetic():
     assert train_batches_per_rank(1000, 10, 2, 0, 1) == 50
     assert train_batches_per_rank(1000, 10, 2, 4, 1) == 52  # 13 per worker
@@ -123,21 +151,86 @@ def test_corrupt_samples_are_logged_counted_and_skipped(tmp_path, shards, caplog
     train_dir, _ = shards
     features = open_shard_set(train_dir, "data.train").features
     d = write_direct_shards(tmp_path / "bad", "eval", 6, seed=1, features=features, per_shard=6)
-    # Append a malformed sample (bad npy bytes) and one with a missing member to the tar.
+    # Append malformed samples (bad bytes in either encoding) and one with a missing member to the tar.
     tar_path = d / "eval-000000.tar"
     good = list(wds.WebDataset(str(tar_path), shardshuffle=False))
     with wds.TarWriter(str(tar_path)) as w:
         for g in good:
             w.write({k: v for k, v in g.items() if not k.startswith("__") or k == "__key__"})
-        bad = encode_sample("broken_0", np.zeros((128, 3)), [0], {})
-        bad["logmel.npy"] = b"not a numpy file"
-        w.write(bad)
-        w.write({"__key__": "nojson_0", "logmel.npy": encode_sample("x", np.zeros((2, 2)), [], {})["logmel.npy"]})
-    s = open_shard_set(d, "data.eval")
+        for key, encoding, member in (("broken_0", "uint8", LOGMEL_U8_EXT), ("broken16_0", "float16", LOGMEL_EXT)):
+            bad = encode_sample(key, np.zeros((128, 3)), [0], {}, encoding)
+            bad[member] = b"not a log-mel"
+            w.write(bad)
+        w.write({"__key__": "nojson_0", LOGMEL_U8_EXT: encode_sample("x", np.zeros((2, 2)), [], {})[LOGMEL_U8_EXT]})
+    # The tar changed after its manifest was written: a shard that goes bad during a run, after
+    # the start-up check (which would refuse it: see test_damaged_shards_...).
+    with pytest.raises(DataError, match="eval-000000.tar has"):
+        open_shard_set(d, "data.eval")
+    s = open_shard_set(d, "data.eval", verify="none")
     batches = list(build_eval_loader(s, 4, 0, Normalization(), rank=0, world_size=1))
     assert sum(len(b["keys"]) for b in batches) == 6
-    assert batches[-1]["corrupt"] == 2
-    assert "broken_0" in caplog.text and "nojson_0" in caplog.text
+    assert batches[-1]["corrupt"] == 3
+    assert "broken_0" in caplog.text and "broken16_0" in caplog.text and "nojson_0" in caplog.text
+
+
+def test_loaders_read_both_encodings_alike(tmp_path, shards):
+    """The same clips stored as uint8 and as float16 give the same batches, to the encoding's bound;
+    the session's shards (built with the default) are uint8."""
+    train_dir, _ = shards
+    assert read_manifest(train_dir)["encoding"]["name"] == "uint8"
+    features = open_shard_set(train_dir, "data.train").features
+    norm = Normalization()
+    batches = {}
+    for encoding in ("uint8", "float16"):
+        d = write_direct_shards(tmp_path / encoding, "eval", 6, seed=2, features=features, per_shard=3,
+                                encoding=encoding)
+        member = LOGMEL_U8_EXT if encoding == "uint8" else LOGMEL_EXT
+        with tarfile.open(d / "eval-000000.tar") as tar:
+            assert all(m.name.endswith((member, ".json")) for m in tar)
+        batches[encoding] = list(build_eval_loader(open_shard_set(d, "data.eval"), 4, 0, norm, rank=0, world_size=1))
+    a, b = batches["uint8"], batches["float16"]
+    assert [x["keys"] for x in a] == [x["keys"] for x in b] and sum(len(x["keys"]) for x in a) == 6
+    for x, y in zip(a, b):
+        assert torch.equal(x["y"], y["y"])
+        assert (x["x"] - y["x"]).abs().max().item() * norm.std <= 0.3125 + 0.05  # + float16 rounding
+
+
+def test_damaged_shards_are_one_line_before_training_and_the_command_it_names_repairs_them(tmp_path, shards):
+    from preprocessing.build_shards import BuildOptions, build_shards
+
+    train_dir, _ = shards
+    d = tmp_path / "train"
+    shutil.copytree(train_dir, d)
+    names = [s["name"] for s in read_manifest(d)["shards"]]
+    digests = {n: sha256_file(d / n) for n in names}
+    os.truncate(d / names[1], 1000)  # a copy cut short
+    (d / names[4]).unlink()  # a shard lost
+    with pytest.raises(DataError) as err:
+        open_shard_set(d, "data.train")
+    line = str(err.value)
+    assert "\n" not in line and f"data.train={d}: 2 of {len(names)} shards" in line
+    assert f"{names[1]} has 1000 bytes, the manifest says" in line and f"{names[4]} is missing" in line
+    command = line.split("rebuilds these): ")[1]
+    assert command.startswith("python -m preprocessing.build_shards --split train --segments ")
+    assert f"--shard-size 16 --seed 0 --encoding uint8 --out {d}" in command
+    # same size, other bytes: only the full check sees it
+    damaged = bytearray((d / names[2]).read_bytes())
+    damaged[5000] ^= 0xFF
+    (d / names[2]).write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=f"3 of {len(names)} shards.*{names[2]} has another sha256"):
+        open_shard_set(d, "data.train", verify="sha256")
+
+    # The command it names, with the labels and audio folder filled in (as in train_shards.py):
+    audio = train_dir.parents[1] / "audioset"
+    args = command.split()
+    segments = tuple(Path(a) for a in args[args.index("--segments") + 1 : args.index("--labels")])
+    result = build_shards(BuildOptions(segments=segments, labels=audio / "class_labels_indices.csv",
+                                       audio_dir=audio / "audio", out=d, split="train", workers=0, shard_size=16,
+                                       progress=False,
+                                       feature_config=FeatureConfig.from_dict(read_manifest(d)["feature_config"])))
+    assert sorted(result.shards_written) == sorted([names[1], names[2], names[4]])
+    assert {n: sha256_file(d / n) for n in names} == digests
+    assert open_shard_set(d, "data.train", verify="sha256").num_samples == read_manifest(train_dir)["num_samples"]
 
 
 def test_class_balanced_sampling_counts_and_stream(shards):

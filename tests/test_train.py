@@ -14,6 +14,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -237,6 +239,82 @@ def test_resume_after_sigkill_is_bitwise_exact(runs):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_checkpoint_and_resume_is_exact(runs):
+    """SIGTERM to rank 1 alone (a signal may reach only some ranks), mid-epoch: both ranks finish
+    the step, agree to stop at the same one, write one checkpoint and exit 75; none is left
+    running; the resumed run ends with the uninterrupted run's weights, bit for bit."""
+    root = runs["root"]
+    out = root / "signalled"
+    # checkpoint_every_steps=100: the checkpoint can only come from the signal (or an epoch end)
+    args = COMMON + [f"data.train={runs['train']}", f"data.eval={runs['eval']}", f"train.output_dir={out}",
+                     "train.checkpoint_every_steps=100"]
+    cmd, env = train_command("torchrun")
+    job = subprocess.Popen(cmd + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    lines = []
+    for line in job.stdout:  # the plan is logged once every rank is set up (handlers installed)
+        lines.append(line)
+        if "clips/step" in line:
+            break
+    ranks = {_rank_of(pid): pid for pid in _children(job.pid)}
+    assert set(ranks) == {0, 1}, lines[-20:]
+    everyone = [job.pid] + _descendants(job.pid)
+    os.kill(ranks[1], signal.SIGTERM)
+    lines += job.stdout.readlines()
+    assert job.wait(timeout=300) != 0  # torchrun reports the ranks' 75 as a failed launch (exit 1)
+    log = "".join(lines)
+    assert len(re.findall(r"exitcode\s*:\s*75 \(pid", log)) == 2, log[-3000:]  # both ranks
+    # rank 0 never got the signal: it stops because the ranks agree, at the first step boundary
+    assert "SIGTERM received: stopping after step 1 (epoch 0, batch 2 of 8)" in log, log[-3000:]
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in everyone) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in everyone), "a process of the signalled job is still running"
+    assert find_checkpoint(out) == out / "checkpoints" / "step_00000001"
+    s = summary(out)
+    assert s["stopped_by"] == "SIGTERM" and not s["finished"] and s["step"] == 1
+    assert s["param_checksums"][0] == s["param_checksums"][1]
+
+    log = check(run_train("torchrun", args + ["--resume"]))
+    assert "resumed from" in log and "step 1, 2 batches into the epoch" in log
+    a = load_file(str(root / "full" / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert (root / "full" / "eval" / "results.jsonl").read_text() == (out / "eval" / "results.jsonl").read_text()
+
+
+def test_a_stop_signal_only_raises_a_flag_and_the_handlers_are_put_back():
+    """A second signal (during the save) changes nothing and raises nothing mid-save."""
+    from audioset_dcls.preemption import StopSignals
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals((signal.SIGTERM, signal.SIGUSR1)) as signals:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # Python runs handlers between bytecodes of the main thread
+        assert signals.received == signal.SIGUSR1 and signals.name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
 def test_final_checkpoint_describes_itself(runs):
     path = runs["root"] / "full" / "model.safetensors"
     info = read_checkpoint_info(path)
@@ -255,13 +333,81 @@ def test_final_checkpoint_describes_itself(runs):
     assert (latest / "config.yaml").is_file()
 
 
-def test_refuses_to_overwrite_a_run_and_reports_missing_data(runs, tmp_path):
+def test_evaluate_on_the_exported_model_reproduces_the_training_eval(runs):
+    """audioset_dcls.evaluate, the one definition, run in this process on the exported weights,
+    gives the 2-process run's final eval to the last bit (same batches: 2 workers here read the
+    shards the 2 ranks read there)."""
+    from accelerate import Accelerator
+
+    from audioset_dcls.data import open_shard_set
+    from audioset_dcls.evaluate import evaluate, summarize
+
+    model, info = load_model(runs["root"] / "full" / "model.safetensors", bake=False)
+    result = evaluate(model, open_shard_set(runs["eval"], "eval"), info.normalization, batch_size=32, num_workers=2,
+                      accelerator=Accelerator(cpu=True))
+    assert summarize(result) == summary(runs["root"] / "full")["eval"] == info.extra["eval"]
+
+
+@pytest.mark.parametrize("launcher", ["single", "accelerate"])
+def test_evaluate_command_reproduces_the_training_eval(runs, tmp_path, launcher):
+    """``python -m audioset_dcls.evaluate`` on the exported model gives the run's final eval to
+    the last bit, alone (2 loader workers read the shards the 2 ranks read) and under a 2-process
+    launch (every clip once over the ranks); its per-class table is the run's, byte for byte."""
+    args = ["--checkpoint", str(runs["root"] / "full" / "model.safetensors"), "--shards", str(runs["eval"]),
+            "--batch-size", "32", "--output", str(tmp_path / "results.json"),
+            "--per-class", str(tmp_path / "per_class.csv")]
+    if launcher == "single":  # in this process: the command's main(), as `python -m` runs it
+        from accelerate.state import AcceleratorState
+
+        from audioset_dcls.evaluate import main as evaluate_main
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # another test's Accelerator(cpu=True)
+        try:
+            assert evaluate_main(args + ["--workers", "2"]) == 0
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    else:
+        cmd, env = train_command("accelerate")
+        cmd = cmd[:-1] + ["-m", "audioset_dcls.evaluate"]
+        log = check(subprocess.run(cmd + args + ["--workers", "1"], cwd=REPO, env=env, capture_output=True,
+                                   text=True, timeout=600))
+        assert "2 process(es)" in log
+    results = json.loads((tmp_path / "results.json").read_text())
+    final = summary(runs["root"] / "full")["eval"]
+    assert {k: results[k] for k in final} == final
+    assert results["processes"] == (2 if launcher == "accelerate" else 1) and results["precision"] == "fp32"
+    trained = runs["root"] / "full" / "eval" / "per_class_ap_epoch002.csv"
+    assert (tmp_path / "per_class.csv").read_bytes() == trained.read_bytes()
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_refuses_to_overwrite_a_run_and_reports_missing_data_or_checkpoints(runs, tmp_path):
     data = [f"data.train={runs['train']}", f"data.eval={runs['eval']}"]
     again = run_train("single", ["--config", "configs/tiny.yaml", *data, f"train.output_dir={runs['root'] / 'full'}"])
-    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+    assert "already holds checkpoints" in _one_error_line(again)
     missing = run_train("single", ["--config", "configs/tiny.yaml", f"data.train={tmp_path / 'nowhere'}",
                                    f"train.output_dir={tmp_path / 'r'}"])
-    assert missing.returncode == 2 and "data.train=" in missing.stderr and "no such directory" in missing.stderr
+    line = _one_error_line(missing)
+    assert "data.train=" in line and "no such directory" in line
+    nothing = run_train("single", ["--config", "configs/tiny.yaml", *data, f"train.output_dir={tmp_path / 'r'}",
+                                   f"train.resume={tmp_path / 'nowhere'}"])
+    assert "no checkpoint there" in _one_error_line(nothing)
+    # a checkpoint whose weights file was cut short (a disk that filled up, a bad copy)
+    broken = tmp_path / "broken" / "checkpoints"
+    step = find_checkpoint(runs["root"] / "full")
+    shutil.copytree(step, broken / step.name)
+    (broken / "latest").write_text(step.name + "\n")
+    weights = broken / step.name / "pytorch_model.bin"
+    os.truncate(weights, weights.stat().st_size // 2)
+    cut = run_train("single", ["--config", "configs/tiny.yaml", *data, f"train.output_dir={broken.parent}", "--resume"])
+    line = _one_error_line(cut)
+    assert f"{broken / step.name}: cannot resume from this checkpoint" in line
 
 
 # ------------------------------------------------------------------------------ learnability

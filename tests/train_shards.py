@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from audioset_dcls.features import FeatureConfig, compute_logmel
-from audioset_dcls.shards import MANIFEST_FORMAT, encode_sample, hash_ids, sha256_file
+from audioset_dcls.shards import MANIFEST_FORMAT, LogmelEncoding, encode_sample, hash_ids, sha256_file
 from audioset_dcls.synthetic import CLASSES, make_mini_audioset, synthesize_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_direct_shards(out: Path, split: str, num: int, seed: int, features: FeatureConfig,
-                        per_shard: int = 16) -> Path:
+                        per_shard: int = 16, encoding: str = "uint8") -> Path:
     """Synthetic clips -> log-mel -> tars + sizes.json + manifest.json (the builder's manifest fields the loaders read)."""
     import webdataset as wds
 
@@ -40,11 +40,12 @@ def write_direct_shards(out: Path, split: str, num: int, seed: int, features: Fe
                 wave = synthesize_clip(labels, features.clip_seconds, features.sample_rate, rng)
                 key = f"clip{seed:03d}x{i:05d}_0"
                 w.write(encode_sample(key, compute_logmel(wave, features), labels,
-                                      {"ytid": key[:-2], "start": 0.0, "end": 10.0}))
+                                      {"ytid": key[:-2], "start": 0.0, "end": 10.0}, encoding))
                 keys.append(key)
-        shards.append({"name": name, "count": n, "sha256": sha256_file(out / name)})
+        shards.append({"name": name, "count": n, "bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)})
     manifest = {
         "format": MANIFEST_FORMAT, "split": split, "feature_config": features.to_dict(),
+        "encoding": LogmelEncoding(encoding).to_dict(),
         "labels": {"mids": [m for m, _ in CLASSES], "names": [nm for _, nm in CLASSES]},
         "shards": shards, "clip_ids_sha256": hash_ids(keys), "skipped": [],
     }
