@@ -7,7 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "to_inference", "load_model", "FeatureConfig", "__version__"]
+__all__ = ["create_model", "list_models", "to_inference", "load_model", "load_pretrained", "FeatureConfig",
+           "__version__"]
 
 
 def __getattr__(name):  # lazy: `import audioset_dcls` stays cheap (no timm import)
@@ -19,6 +20,10 @@ def __getattr__(name):  # lazy: `import audioset_dcls` stays cheap (no timm impo
         from .checkpoint import load_model
 
         return load_model
+    if name == "load_pretrained":
+        from .pretrained import load_pretrained
+
+        return load_pretrained
     if name in ("FeatureConfig", "Normalization"):
         from . import features
 

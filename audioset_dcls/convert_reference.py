@@ -17,16 +17,20 @@ tensor of our model must be filled. DCLS positions (``P``) and widths (``SIG``) 
 DCLS layers of a stage; the reference stores a copy under every layer's key, so the copies are
 checked to be equal and loaded once.
 
-Label names are not in the reference checkpoint. With ``--labels`` they come from AudioSet's
-``class_labels_indices.csv`` (527 rows, index order). Without it the checkpoint is still written,
-with an empty label list: taggers then show ``class_<i>`` instead of names, and the summary says so.
+Label names are not in the reference checkpoint. A 527-class checkpoint gets AudioSet's names
+from the ``class_labels_indices.csv`` that ships with the package (``labels.audioset_label_set``);
+``--labels`` reads another class index instead. A checkpoint with another number of classes and
+no ``--labels`` is still written, with an empty label list: taggers then show ``class_<i>``
+instead of names, and the summary says so.
+
+The published files (Zenodo record 8370979) are listed in :mod:`audioset_dcls.pretrained`, which
+downloads and converts them by name.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
-import hashlib
 import pickle
 import re
 import sys
@@ -37,10 +41,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .features import REFERENCE_NORMALIZATION
+from .files import sha256_file
+from .pretrained import PUBLISHED_MODELS
+
 __all__ = [
     "REFERENCE_MODELS",
     "REFERENCE_PARAMETER_COUNTS",
-    "PUBLISHED_CHECKPOINTS",
     "ConversionError",
     "ConversionReport",
     "read_reference_checkpoint",
@@ -71,17 +78,6 @@ REFERENCE_PARAMETER_COUNTS: dict[str, int] = {
     "fastvit_audio_sa24": 21_064_015,
     "fastvit_dcls_audio_sa24": 21_016_655,
 }
-
-# Zenodo record 8370979: file -> (reference model, published AudioSet eval mAP, mean ± std)
-PUBLISHED_CHECKPOINTS: dict[str, tuple[str, str]] = {
-    "convnext_dcls_audio_tiny.pth": ("convnext_dcls_audio_tiny", "45.52 ± 0.05"),
-    "convformer_audio_s18.pth": ("convformer_audio_s18", "43.14 ± 0.03"),
-    "convformer_dcls_audio_s18.pth": ("convformer_dcls_audio_s18", "43.68 ± 0.02"),
-    "fastvit_dcls_audio_sa24.pth": ("fastvit_dcls_audio_sa24", "44.40 ± 0.07"),
-}
-
-# The reference front end's normalisation (AUDIOSET_DEFAULT_MEAN / _STD in its model files).
-REFERENCE_MEAN, REFERENCE_STD = -18.2696, 30.5735
 
 
 class ConversionError(ValueError):
@@ -368,10 +364,14 @@ def convert_state_dict(reference_name: str, reference_sd: dict[str, torch.Tensor
 # The whole conversion
 
 
-def _read_labels(path: str | Path, num_classes: int) -> list[dict[str, Any]]:
-    """[{index, mid, name}] in class order from ``class_labels_indices.csv``."""
-    from .labels import read_label_set
+def _read_labels(path: str | Path | None, num_classes: int) -> list[dict[str, Any]]:
+    """[{index, mid, name}] in class order from ``class_labels_indices.csv``; with ``path`` None,
+    AudioSet's bundled names for a 527-class checkpoint and none otherwise."""
+    from .labels import audioset_label_set, read_label_set
 
+    if path is None:
+        label_set = audioset_label_set()
+        return label_set.to_records() if len(label_set) == num_classes else []
     try:
         label_set = read_label_set(path)
     except ValueError as err:  # LabelError: one line naming the file and line
@@ -379,14 +379,6 @@ def _read_labels(path: str | Path, num_classes: int) -> list[dict[str, Any]]:
     if len(label_set) != num_classes:
         raise ConversionError(f"{path}: {len(label_set)} classes, but the checkpoint has {num_classes} outputs")
     return label_set.to_records()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -401,6 +393,7 @@ class ConversionResult:
     report: ConversionReport
     source: ReferenceCheckpoint
     labels: int  # number of label names written (0 = none)
+    labels_source: str = ""  # the class index they came from
 
     def summary(self) -> str:
         ref_params = REFERENCE_PARAMETER_COUNTS.get(self.reference_name) if self.num_classes == 527 else None
@@ -416,8 +409,8 @@ class ConversionResult:
             + (f"; {len(r.reshaped)} reshaped (singleton dims only)" if r.reshaped else ""),
             f"parameters       {self.num_parameters:,}"
             + (f" (reference {ref_params:,})" if ref_params else ""),
-            f"front end        reference log-mel (32 kHz, 128 mel, 1001 frames), normalisation ({REFERENCE_MEAN}, {REFERENCE_STD})",
-            f"labels           {self.labels} names" if self.labels else
+            f"front end        reference log-mel (32 kHz, 128 mel, 1001 frames), normalisation ({REFERENCE_NORMALIZATION.mean}, {REFERENCE_NORMALIZATION.std})",
+            f"labels           {self.labels} names ({self.labels_source})" if self.labels else
             "labels           NONE: tags will read class_0 .. class_N; rerun with --labels class_labels_indices.csv to name them",
             f"wrote            {self.path}",
         ]
@@ -448,14 +441,17 @@ def convert_reference_checkpoint(
     model_name: str | None = None,
     labels_path: str | Path | None = None,
     use_ema: bool = False,
+    source_url: str | None = None,
 ) -> ConversionResult:
     """Convert a reference checkpoint file into ``out_dir/<checkpoint stem>.safetensors``.
 
     ``model_name``: a reference name (``convnext_dcls_audio_tiny``) or ours (``convnext_tiny_dcls``);
-    detected from the keys when None. Raises :class:`ConversionError` on anything inexact.
+    detected from the keys when None. ``labels_path``: a ``class_labels_indices.csv``; None =
+    AudioSet's bundled names (527-class checkpoints). ``source_url``: where the file was
+    downloaded from, recorded beside its SHA-256. Raises :class:`ConversionError` on anything inexact.
     """
     from .checkpoint import CheckpointInfo, save_inference_checkpoint
-    from .features import FeatureConfig, Normalization
+    from .features import FeatureConfig
 
     checkpoint = Path(checkpoint)
     ref = read_reference_checkpoint(checkpoint, use_ema=use_ema)
@@ -465,29 +461,32 @@ def convert_reference_checkpoint(
         raise ConversionError(f"{checkpoint}: {err}") from None
     num_classes = _num_classes(reference_name, ref.state_dict)
     ours = REFERENCE_MODELS[reference_name]
-    labels = _read_labels(labels_path, num_classes) if labels_path is not None else []
+    labels = _read_labels(labels_path, num_classes)
+    labels_source = str(labels_path) if labels_path is not None else "AudioSet class_labels_indices.csv, bundled"
 
     info = CheckpointInfo(
         model_name=ours,
         num_classes=num_classes,
         features=FeatureConfig(),
-        normalization=Normalization(mean=REFERENCE_MEAN, std=REFERENCE_STD),
+        normalization=REFERENCE_NORMALIZATION,
         labels=labels,
         extra={
             "converted_from": {
                 "file": checkpoint.name,
-                "sha256": _sha256(checkpoint),
+                "url": source_url,
+                "sha256": sha256_file(checkpoint),
                 "reference_model": reference_name,
                 "weights": ref.source,
                 "epoch": ref.epoch,
-                "published_map": PUBLISHED_CHECKPOINTS.get(checkpoint.name, (None, None))[1],
+                "published_map": next((m.paper_map for m in PUBLISHED_MODELS.values() if m.file == checkpoint.name), None),
             }
         },
     )
     out = Path(out_dir) / f"{checkpoint.stem}.safetensors"
     save_inference_checkpoint(out, model.state_dict(), info)
     num_parameters = sum(p.numel() for p in model.parameters())  # shared Parameters once
-    return ConversionResult(out, reference_name, ours, num_classes, num_parameters, report, ref, len(labels))
+    return ConversionResult(out, reference_name, ours, num_classes, num_parameters, report, ref, len(labels),
+                            labels_source)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", type=Path, help="folder for <checkpoint stem>.safetensors")
     p.add_argument("--model", default=None, help=f"skip detection: one of {', '.join(REFERENCE_MODELS)} (or our names)")
     p.add_argument("--labels", type=Path, default=None,
-                   help="AudioSet class_labels_indices.csv: label names stored in the checkpoint "
-                        "(without it, tags are shown as class_<index>)")
+                   help="a class_labels_indices.csv whose names are stored in the checkpoint (default: "
+                        "AudioSet's 527 names, shipped with the package, for 527-class checkpoints)")
     p.add_argument("--use-ema", action="store_true", help="convert the model_ema weights instead of model")
     args = p.parse_args(argv)
     try:

@@ -2,7 +2,7 @@
 
 Shard building, training-time loading and inference all go through this module, so a clip gives
 the same features wherever it is seen. Settings follow the DCLS-Audio reference
-(../shared/reference/method.md): 32 kHz, n_fft 1024, hann 1024, hop 320, centred reflect padding,
+(docs/method.md): 32 kHz, n_fft 1024, hann 1024, hop 320, centred reflect padding,
 power 2, 128 HTK mel bins 50-14000 Hz without area normalisation, 10*log10(max(x, 1e-10)),
 giving (128, 1001) for a 10 s clip. Normalisation is a separate step applied at load time.
 """
@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "FeatureConfig",
     "Normalization",
+    "REFERENCE_NORMALIZATION",
     "AudioDecodeError",
     "decode_audio",
     "decode_mono",
@@ -89,6 +90,10 @@ class Normalization:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """``apply`` in place, same values; for a float tensor nothing else holds (the loader's)."""
+        return x.sub_(self.mean).div_(self.std)
+
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
@@ -97,8 +102,30 @@ class Normalization:
         return cls(mean=float(d["mean"]), std=float(d["std"]))
 
 
+# The reference's statistics (AUDIOSET_DEFAULT_MEAN / _STD of DCLS-Audio), which its published
+# weights expect and our configs use by default (data.normalization=reference).
+REFERENCE_NORMALIZATION = Normalization()
+
+
 class AudioDecodeError(RuntimeError):
-    """A file could not be decoded. The message names the file and the reason, on one line."""
+    """A file could not be decoded. ``str(err)`` is one line, ``"<path>: <reason>"``.
+
+    The fields carry what callers act on, so nothing parses the message: ``path`` (the file, or
+    a name such as ``"<array>"``), ``reason`` (the cause, one line) and ``kind``: ``"missing"``
+    (no such file), ``"empty"`` (0 bytes, or no samples) or ``"unreadable"`` (corrupt, an
+    unsupported format, no decoder for it, NaN or infinite samples).
+    """
+
+    KINDS = ("missing", "empty", "unreadable")
+
+    def __init__(self, path: str | Path, kind: str, reason: str):
+        if kind not in self.KINDS:
+            raise ValueError(f"AudioDecodeError kind must be one of {self.KINDS}, not {kind!r}")
+        super().__init__(f"{path}: {reason}")
+        self.path, self.kind, self.reason = str(path), kind, reason
+
+    def __reduce__(self):  # pickles (e.g. across processes) with its fields
+        return type(self), (self.path, self.kind, self.reason)
 
 
 # Containers libsndfile does not read; they go through ffmpeg when it is installed.
@@ -110,7 +137,7 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise AudioDecodeError(
-            f"{path}: cannot decode {path.suffix or 'this'} audio without ffmpeg "
+            path, "unreadable", f"cannot decode {path.suffix or 'this'} audio without ffmpeg "
             "(install it, e.g. `apt-get install ffmpeg`, or convert the file to flac/wav)"
         )
     proc = subprocess.run(
@@ -121,11 +148,11 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     log = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         lines = [ln for ln in log.strip().splitlines() if ln.strip()]
-        raise AudioDecodeError(f"{path}: ffmpeg failed: {lines[-1] if lines else 'unknown error'}")
+        raise AudioDecodeError(path, "unreadable", f"ffmpeg failed: {lines[-1] if lines else 'unknown error'}")
     # The input stream line, e.g. "Stream #0:0(und): Audio: aac (LC), 44100 Hz, stereo, fltp".
     m = re.search(r"Stream #0:\d+.*?Audio:.*?(\d+) Hz", log)
     if m is None:
-        raise AudioDecodeError(f"{path}: ffmpeg found no audio stream")
+        raise AudioDecodeError(path, "unreadable", "ffmpeg found no audio stream")
     return np.frombuffer(proc.stdout, dtype=np.float32).copy(), int(m.group(1))
 
 
@@ -133,9 +160,9 @@ def _check_audio_file(path: str | Path) -> Path:
     """The checks every decode path starts with: the file exists and is not empty."""
     path = Path(path)
     if not path.is_file():
-        raise AudioDecodeError(f"{path}: no such file")
+        raise AudioDecodeError(path, "missing", "no such file")
     if path.stat().st_size == 0:
-        raise AudioDecodeError(f"{path}: empty file (0 bytes)")
+        raise AudioDecodeError(path, "empty", "empty file (0 bytes)")
     return path
 
 
@@ -151,7 +178,7 @@ def error_line(err: BaseException) -> str:
 
 def _unreadable(path: Path, err: BaseException) -> AudioDecodeError:
     """One-line error for a file libsndfile rejects (it raises several exception types)."""
-    return AudioDecodeError(f"{path}: unreadable audio ({error_line(err)})")
+    return AudioDecodeError(path, "unreadable", f"unreadable audio ({error_line(err)})")
 
 
 def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -174,13 +201,13 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
 def _check_samples(path: Path, data: np.ndarray) -> None:
     if data.size == 0:
-        raise AudioDecodeError(f"{path}: no audio samples")
+        raise AudioDecodeError(path, "empty", "no audio samples")
     _check_finite(path, data)
 
 
 def _check_finite(path: Path, data: np.ndarray) -> None:
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        raise AudioDecodeError(f"{path}: audio contains NaN or infinite samples")
+        raise AudioDecodeError(path, "unreadable", "audio contains NaN or infinite samples")
 
 
 # PCM subtypes whose samples fit in int16 exactly (libsndfile scales 8-bit ones by 256).
@@ -285,7 +312,7 @@ def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0
             if last:
                 break
         if total == 0:
-            raise AudioDecodeError(f"{path}: no audio samples")
+            raise AudioDecodeError(path, "empty", "no audio samples")
 
 
 def load_audio(path: str | Path, sample_rate: int = 32000) -> np.ndarray:

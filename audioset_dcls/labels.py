@@ -25,6 +25,9 @@ or as milliseconds, with or without the ``Y`` prefix, in any sub-folder, any aud
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
+import importlib.resources
 import os
 import re
 import sys
@@ -41,7 +44,9 @@ __all__ = [
     "LabelSet",
     "Segment",
     "SegmentList",
+    "DroppedRow",
     "read_label_set",
+    "audioset_label_set",
     "read_segments",
     "read_segment_files",
     "AUDIO_EXTENSIONS",
@@ -151,6 +156,15 @@ def read_label_set(path: str | Path) -> LabelSet:
     return LabelSet(mids=tuple(mids), names=tuple(names))
 
 
+@functools.cache
+def audioset_label_set() -> LabelSet:
+    """AudioSet's 527 classes, from the ``class_labels_indices.csv`` that ships with the package
+    (``audioset_dcls/assets``, CC BY 4.0 Google; see the NOTICE.md beside it)."""
+    resource = importlib.resources.files("audioset_dcls") / "assets" / "class_labels_indices.csv"
+    with importlib.resources.as_file(resource) as path:
+        return read_label_set(path)
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
     """One row of a segment list: a 10 s (or shorter) excerpt of a YouTube video.
@@ -179,16 +193,36 @@ class Segment:
         return clip_key(self.ytid, self.start)
 
 
+@dataclass(frozen=True)
+class DroppedRow:
+    """A segment row, or some of its mids, left out while reading a segment list.
+
+    ``kind``: ``"duplicate"`` (its key was read before: the row is skipped) or ``"label"``
+    (unknown mids dropped with ``unknown_mids="drop"``; the row is skipped when none is left).
+    ``row`` is ``file:line``; ``reason`` is one line for people.
+    """
+
+    kind: str
+    ytid: str
+    start: float
+    end: float
+    row: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class SegmentList:
     """Segments read from one or more files, plus what was left out while reading.
 
-    ``dropped``: ``(source, reason)`` for every row or mid removed (only with
+    ``dropped``: a :class:`DroppedRow` for every row or mid removed (only with
     ``unknown_mids="drop"`` or for duplicate segments).
     """
 
     segments: list[Segment]
-    dropped: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[DroppedRow] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -228,7 +262,7 @@ def read_segments(
     if not path.is_file():
         raise LabelError(f"{path}: no such segment file")
     segments: list[Segment] = []
-    dropped: list[tuple[str, str]] = []
+    dropped: list[DroppedRow] = []
     file_name = str(path)
     with open(path, newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f, skipinitialspace=True), start=1):
@@ -262,10 +296,12 @@ def read_segments(
                             f"{where}: mid(s) {', '.join(unknown)} not in the class index "
                             "(wrong class_labels_indices.csv? use unknown_mids='drop' to skip them)"
                         )
-                    dropped.append((where, f"{ytid}: unknown mid(s) {', '.join(unknown)} dropped"))
+                    dropped.append(DroppedRow("label", ytid, start, end, where,
+                                              f"{ytid}: unknown mid(s) {', '.join(unknown)} dropped"))
                     mids = tuple(m for m in mids if m in labels.index)
                     if not mids:
-                        dropped.append((where, f"{ytid}: no known label left, segment skipped"))
+                        dropped.append(DroppedRow("label", ytid, start, end, where,
+                                                  f"{ytid}: no known label left, segment skipped"))
                         continue
                 indices = tuple(labels.indices(mids))
                 mids = tuple(labels.mids[i] for i in indices)  # shared strings, sorted by index
@@ -284,7 +320,7 @@ def read_segment_files(
     each key appears once; order is file order, then row order.
     """
     out: list[Segment] = []
-    dropped: list[tuple[str, str]] = []
+    dropped: list[DroppedRow] = []
     first_seen: dict[str, str] = {}
     for p in paths:
         part = read_segments(p, labels, unknown_mids=unknown_mids)
@@ -292,7 +328,8 @@ def read_segment_files(
         for seg in part:
             k = seg.key
             if k in first_seen:
-                dropped.append((seg.source, f"{seg.ytid}: duplicate of segment at {first_seen[k]}, skipped"))
+                dropped.append(DroppedRow("duplicate", seg.ytid, seg.start, seg.end, seg.source,
+                                          f"{seg.ytid}: duplicate of segment at {first_seen[k]}, skipped"))
                 continue
             first_seen[k] = seg.source
             out.append(seg)

@@ -21,7 +21,6 @@ Command line: ``python -m audioset_dcls.synthetic --out DIR [--train N] [--eval 
 from __future__ import annotations
 
 import argparse
-import csv
 import string
 from dataclasses import dataclass, field
 from pathlib import Path

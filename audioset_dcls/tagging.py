@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -47,6 +48,7 @@ from .features import (
     stream_audio,
     to_mono_resampled,
 )
+from .pretrained import DEFAULT_MODEL, fetch_pretrained
 
 __all__ = [
     "Tag",
@@ -202,6 +204,8 @@ class TagResult:
         scores: (C,) clip-level scores: ``aggregate`` ("max" or "mean") over the windows.
         window_embeddings: (W, D) pooled features per window, or None.
         embedding: (D,) mean of the window embeddings, or None.
+        warning: one line when the tags deserve little trust (a file shorter than one analysis
+            window), else None.
     """
 
     source: str
@@ -214,6 +218,7 @@ class TagResult:
     labels: list[dict[str, Any]]
     window_embeddings: np.ndarray | None = None
     embedding: np.ndarray | None = None
+    warning: str | None = None
 
     ok = True
 
@@ -238,6 +243,8 @@ class TagResult:
             "aggregate": self.aggregate,
             "tags": [t.to_dict() for t in self.top(k, threshold)],
         }
+        if self.warning:
+            d["warning"] = self.warning
         if per_window:
             d["windows"] = [
                 {"start": round(float(s), 4), "end": round(float(e), 4),
@@ -249,10 +256,15 @@ class TagResult:
 
 @dataclass
 class TagFailure:
-    """An input that could not be tagged: ``reason`` is one line."""
+    """An input that could not be tagged: ``reason`` is one line (without the file name).
+
+    ``kind``: ``"missing"``, ``"empty"`` or ``"unreadable"`` (an ``AudioDecodeError.kind``), or
+    ``"error"`` for any other failure (e.g. an invalid array).
+    """
 
     source: str
     reason: str
+    kind: str = "error"
     ok = False
 
     def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -268,6 +280,7 @@ class _Job:
     num_samples: int = 0
     finished: bool = False
     error: str | None = None
+    error_kind: str = ""
     pending: int = 0  # windows queued but not yet run
 
     @property
@@ -346,7 +359,7 @@ def set_cpu_threads(threads: int | None) -> int:
 class Tagger:
     """A loaded model plus its front end; tags files and arrays of any length.
 
-    Build with :meth:`from_checkpoint`. ``tag(x)`` returns a :class:`TagResult`;
+    Build with :meth:`from_checkpoint` or :meth:`from_pretrained`. ``tag(x)`` returns a :class:`TagResult`;
     ``tag_many(xs)`` yields one TagResult or :class:`TagFailure` per input, in input order.
     """
 
@@ -405,6 +418,14 @@ class Tagger:
         model, info = load_model(path, bake=bake, device=dev)
         return cls(model, info, device=dev, batch_size=batch_size, hop_seconds=hop_seconds, aggregate=aggregate,
                    precision=precision)
+
+    @classmethod
+    def from_pretrained(cls, name: str = DEFAULT_MODEL, *, offline: bool | None = None,
+                        progress: bool = True, **kwargs: Any) -> "Tagger":
+        """A tagger with a published model (``audioset_dcls.pretrained.PUBLISHED_MODELS``),
+        downloaded and converted into the cache on first use; ``kwargs`` as :meth:`from_checkpoint`.
+        ``offline`` (default ``$AUDIOSET_DCLS_OFFLINE``): use the cache only."""
+        return cls.from_checkpoint(fetch_pretrained(name, offline=offline, progress=progress), **kwargs)
 
     @property
     def hop_samples(self) -> int:
@@ -513,16 +534,17 @@ class Tagger:
                         yield from pop_done()
                 job.num_samples = sliding.num_samples
                 if job.num_samples == 0:
-                    raise AudioDecodeError(f"{name}: no audio samples")
+                    raise AudioDecodeError(name, "empty", "no audio samples")
             except (KeyboardInterrupt, torch.cuda.OutOfMemoryError):
                 raise
             except Exception as err:
                 if _raise:
                     raise
-                reason = error_line(err)
-                if reason.startswith(f"{name}: "):  # decode errors name the file; the record does too
-                    reason = reason[len(name) + 2:]
-                job.error = reason
+                # A decode error's reason leaves out the file name: the record names the file.
+                if isinstance(err, AudioDecodeError):
+                    job.error, job.error_kind = err.reason, err.kind
+                else:
+                    job.error, job.error_kind = error_line(err), "error"
             job.finished = True
             yield from pop_done()
         run_batch()
@@ -530,13 +552,18 @@ class Tagger:
 
     def _finish(self, job: _Job) -> TagResult | TagFailure:
         if job.error is not None:
-            return TagFailure(job.source, job.error)
+            return TagFailure(job.source, job.error, job.error_kind)
         sr = self.features.sample_rate
         clip = self.features.clip_samples
         starts = np.asarray(job.window_starts, dtype=np.int64)
         window_scores = np.stack(job.scores).astype(np.float32)  # (W, C)
         scores = window_scores.max(0) if self.aggregate == "max" else window_scores.mean(0)
         win_emb = np.stack(job.embeddings).astype(np.float32) if job.embeddings and job.embeddings[0] is not None else None
+        warning = None
+        if job.num_samples < self.features.n_fft:
+            # Less than one STFT window of signal: every frame is mostly padding.
+            warning = (f"only {job.num_samples} samples ({1000 * job.num_samples / sr:.1f} ms), less than one "
+                       f"{self.features.n_fft}-sample analysis window: its tags mean little")
         return TagResult(
             source=job.source,
             duration=job.num_samples / sr,
@@ -548,6 +575,7 @@ class Tagger:
             labels=self.labels,
             window_embeddings=win_emb,
             embedding=None if win_emb is None else win_emb.mean(0),
+            warning=warning,
         )
 
 
@@ -559,10 +587,18 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".
                     ".m4a", ".mp4", ".aac", ".opus", ".webm", ".mkv", ".wma")
 
 
-def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[str]:
-    """Files as given; folders searched recursively for audio extensions (sorted);
-    ``@list.txt`` read as one path per line (blank lines and ``#`` comments skipped, relative
-    paths taken from the list file's folder). A missing path is kept, so it is reported later."""
+def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = AUDIO_EXTENSIONS,
+                  problems: list[TagFailure] | None = None) -> list[str]:
+    """Files as given; folders searched recursively for audio extensions (sorted; symbolic
+    links to folders are not followed); ``@list.txt`` read as one path per line (blank lines
+    and ``#`` comments skipped, relative paths taken from the list file's folder). A missing path
+    is kept, so it is reported later.
+
+    What a folder holds but cannot be tagged is never left out silently: a dangling symbolic
+    link (kind ``"missing"``), an audio file this process may not read or that is not a regular
+    file, a sub-folder that cannot be listed (``"unreadable"``) go to ``problems`` as
+    :class:`TagFailure` when a list is given, and stay in the result otherwise (tagging then
+    reports them)."""
     exts = {e.lower() for e in extensions}
     out: list[str] = []
     for item in inputs:
@@ -573,13 +609,49 @@ def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = AUDIO_EXTEN
                 if not line or line.startswith("#"):
                     continue
                 p = Path(line)
-                out.extend(expand_inputs([str(p if p.is_absolute() else list_path.parent / p)], extensions))
+                out.extend(expand_inputs([str(p if p.is_absolute() else list_path.parent / p)], extensions, problems))
         elif os.path.isdir(item):
-            found = [str(p) for p in Path(item).rglob("*") if p.suffix.lower() in exts and p.is_file()]
+            found, bad = _walk_audio(item, exts)
+            if problems is None:
+                found += [b.source for b in bad]
+            else:
+                problems.extend(bad)
             out.extend(sorted(found))
         else:
             out.append(item)
     return out
+
+
+def _walk_audio(folder: str, exts: set[str]) -> tuple[list[str], list[TagFailure]]:
+    """(audio files under ``folder``, entries that cannot be tagged with why)."""
+    found: list[str] = []
+    bad: list[TagFailure] = []
+
+    def unlisted(err: OSError) -> None:
+        bad.append(TagFailure(str(err.filename), f"cannot list this folder ({err.strerror}): its files are not tagged",
+                              "unreadable"))
+
+    for root, _, names in os.walk(folder, onerror=unlisted):
+        for name in names:
+            if os.path.splitext(name)[1].lower() not in exts:
+                continue
+            path = os.path.join(root, name)
+            try:
+                mode = os.stat(path).st_mode
+            except FileNotFoundError:
+                bad.append(TagFailure(path, f"dangling symbolic link (to {os.readlink(path)})", "missing"))
+                continue
+            except OSError as err:  # a symbolic link loop, a permission on the way
+                bad.append(TagFailure(path, f"cannot be read ({err.strerror})", "unreadable"))
+                continue
+            if not stat.S_ISREG(mode):
+                bad.append(TagFailure(path, "not a regular file (a pipe, socket or device)", "unreadable"))
+            elif not os.access(path, os.R_OK):
+                bad.append(TagFailure(path, "cannot be read (permission denied)", "unreadable"))
+            else:
+                found.append(path)
+    bad.sort(key=lambda b: b.source)
+    return found, bad
 
 
 def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str | Path | None = None,

@@ -1,8 +1,14 @@
 """Command line of the tagger (``python infer.py``): inputs -> Tagger -> table/JSON/JSONL/CSV.
 
+The model is ``--checkpoint FILE``, or a published model by name (``--model``, default
+``convnext_tiny_dcls``), downloaded and converted into the cache on first use
+(``audioset_dcls/pretrained.py``; ``--list-models`` shows them).
+
 Output goes to stdout (or ``--output``), one record per input as soon as it is tagged, so a
 folder of 10,000 clips streams out; failures go to stderr as ``error: PATH: REASON`` and make the
-exit status 1. The progress bar (stderr) shows when there are several inputs and stderr is a
+exit status 1: files that cannot be decoded, and what a folder holds but cannot be tagged
+(dangling symbolic links, unreadable files and sub-folders). A file shorter than one analysis
+window is tagged with ``warning: PATH: ...`` (its tags mean little). The progress bar (stderr) shows when there are several inputs and stderr is a
 terminal.
 """
 
@@ -18,6 +24,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from .pretrained import DEFAULT_MODEL, PUBLISHED_MODELS
+
 FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = ["path", "window", "start", "end", "rank", "index", "mid", "name", "score"]
 
@@ -25,18 +33,30 @@ CSV_COLUMNS = ["path", "window", "start", "end", "rank", "index", "mid", "name",
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infer.py",
-        description="Tag audio files with an audioset-dcls checkpoint (any format, rate, length).",
+        description="Tag audio files (any format, rate, length) with a published AudioSet model or an "
+                    "audioset-dcls checkpoint.",
         epilog="Examples:\n"
+               "  python infer.py dog.wav                                  (published convnext_tiny_dcls)\n"
+               "  python infer.py --model fastvit_sa24_dcls dog.wav\n"
+               "  python infer.py --list-models\n"
                "  python infer.py --checkpoint model.safetensors dog.wav\n"
                "  python infer.py --checkpoint model.safetensors podcast.mp3 --hop 5 --per-window\n"
                "  python infer.py --checkpoint model.safetensors clips/ --format csv --output tags.csv\n"
                "  python infer.py --checkpoint model.safetensors @files.txt --format jsonl --embeddings emb.npy",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="audio file, folder (searched recursively by audio extension) or @list.txt "
                         "(one path per line)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="inference checkpoint (.safetensors)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, help="inference checkpoint (.safetensors)")
+    which.add_argument("--model", choices=list(PUBLISHED_MODELS), default=None, metavar="NAME",
+                       help=f"published model ({', '.join(PUBLISHED_MODELS)}), downloaded and cached on first "
+                            f"use (default: {DEFAULT_MODEL})")
+    p.add_argument("--list-models", action="store_true",
+                   help="print the published models (paper mAP, cached or not, the cache folder) and exit")
+    p.add_argument("--offline", action="store_true",
+                   help="never download a published model: use the cache (also AUDIOSET_DCLS_OFFLINE=1)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     p.add_argument("--output", "-o", type=Path, help="write results to this file instead of stdout")
     p.add_argument("--top-k", type=int, default=10, help="tags per file (and per window); 0 = all (default: 10)")
@@ -163,27 +183,43 @@ WRITERS = {"table": TableWriter, "json": JsonWriter, "jsonl": JsonLinesWriter, "
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 all tagged, 1 some input failed, 2 bad usage)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_models:
+        from .pretrained import format_model_list
+
+        print(format_model_list())
+        return 0
+    if not args.inputs:
+        parser.error("give at least one INPUT (audio file, folder or @list.txt)")
     if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or (args.hop is not None and args.hop <= 0):
         print("error: --batch-size and --threads must be >= 1 and --hop > 0", file=sys.stderr)
         return 2
 
     from tqdm import tqdm
 
-    from .tagging import Tagger, cpu_has_native_bf16, expand_inputs, plot_tags
+    from .tagging import TagFailure, Tagger, cpu_has_native_bf16, expand_inputs, plot_tags
 
+    skipped: list[TagFailure] = []  # in the folders: dangling links, unreadable files and sub-folders
     try:
-        files = expand_inputs(args.inputs)
+        files = expand_inputs(args.inputs, problems=skipped)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not files:
-        print(f"error: no audio files found in {' '.join(args.inputs)}", file=sys.stderr)
+        for failure in skipped:
+            print(f"error: {failure.source}: {failure.reason}", file=sys.stderr)
+        print(f"error: no audio files {'could be read' if skipped else 'found'} in {' '.join(args.inputs)}",
+              file=sys.stderr)
         return 1
+    options = dict(device=args.device, batch_size=args.batch_size, hop_seconds=args.hop, aggregate=args.aggregate,
+                   threads=args.threads, bake=not args.no_bake, precision=args.precision)
     try:
-        tagger = Tagger.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
-                                        hop_seconds=args.hop, aggregate=args.aggregate, threads=args.threads,
-                                        bake=not args.no_bake, precision=args.precision)
+        if args.checkpoint is not None:
+            tagger = Tagger.from_checkpoint(args.checkpoint, **options)
+        else:
+            tagger = Tagger.from_pretrained(args.model or DEFAULT_MODEL, offline=True if args.offline else None,
+                                            progress=not args.quiet, **options)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -194,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 is emulated and likely "
               "slower than --precision fp32", file=sys.stderr)
     header = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(args.checkpoint) if args.checkpoint is not None else args.model or DEFAULT_MODEL,
         "model": tagger.info.model_name,
         "num_classes": tagger.info.num_classes,
         "hop_seconds": tagger.hop_seconds,
@@ -209,12 +245,15 @@ def main(argv: list[str] | None = None) -> int:
               f"batch {tagger.batch_size}, "
               f"10 s windows every {tagger.hop_seconds:g} s; {len(files)} input(s)", file=sys.stderr)
 
-    failed = 0
+    failed = len(skipped)
     embeddings: list[np.ndarray] = []
     embedded_paths: list[str] = []
     with ExitStack() as stack:
         stream = stack.enter_context(open(args.output, "w", newline="")) if args.output else sys.stdout
         writer = WRITERS[args.format](stream, args, header)
+        for failure in skipped:
+            print(f"error: {failure.source}: {failure.reason}", file=sys.stderr)
+            writer.write(failure)
         bar = stack.enter_context(tqdm(total=len(files), unit="file", file=sys.stderr,
                                        disable=True if args.quiet or len(files) < 2 else None))
         for n, result in enumerate(tagger.tag_many(files, embeddings=args.embeddings is not None), 1):
@@ -222,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not result.ok:
                     failed += 1
                     print(f"error: {result.source}: {result.reason}", file=sys.stderr)
+                elif result.warning:
+                    print(f"warning: {result.source}: {result.warning}", file=sys.stderr)
                 writer.write(result)
                 if result.ok and args.plot is not None:
                     out = args.plot if len(files) == 1 else args.plot.with_name(
@@ -242,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(str(args.embeddings.with_suffix("")) + ".paths.txt").write_text(
             "".join(p + "\n" for p in embedded_paths))
     if not args.quiet or failed:
-        print(f"tagged {len(files) - failed} of {len(files)} input(s)" + (f"; {failed} failed" if failed else ""),
+        total = len(files) + len(skipped)
+        print(f"tagged {total - failed} of {total} input(s)" + (f"; {failed} failed" if failed else ""),
               file=sys.stderr)
     return 1 if failed else 0

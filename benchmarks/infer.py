@@ -17,6 +17,7 @@ two peaks are about equal (glibc heap fragmentation adds a few tens of MB that p
 benchmarks/RESULTS.md).
 
     python benchmarks/infer.py --threads 2 --models convnext_tiny convnext_tiny_dcls
+    python benchmarks/infer.py --device cuda --precision bf16 --skip-models --batch 32   # the long file on a GPU
 """
 
 from __future__ import annotations
@@ -128,12 +129,16 @@ def bench_models(args: argparse.Namespace, folder: Path) -> None:
             print(f"ratio {name} unbaked / baked at batch 1: wall {med[(name, 'unbaked', 1)][0] / med[(name, 'baked', 1)][0]:.2f}x")
 
 
-def long_worker(ckpt: str, audio: str, threads: int, hop: float, batch: int, precision: str) -> None:
-    """Runs in a fresh process: load, tag one file, print JSON with times and peak RSS."""
+def long_worker(ckpt: str, audio: str, threads: int, hop: float, batch: int, precision: str,
+                device: str = "cpu") -> None:
+    """Runs in a fresh process: load, tag one file, print JSON with times and peak RSS (and the
+    peak CUDA memory on a GPU)."""
+    import torch
+
     from audioset_dcls.tagging import Tagger
 
     t0 = time.perf_counter()
-    tagger = Tagger.from_checkpoint(ckpt, device="cpu", threads=threads, hop_seconds=hop, batch_size=batch,
+    tagger = Tagger.from_checkpoint(ckpt, device=device, threads=threads, hop_seconds=hop, batch_size=batch,
                                     precision=precision)
     t_load = time.perf_counter() - t0
     rss_loaded = _peak_rss_mb()
@@ -154,9 +159,11 @@ def long_worker(ckpt: str, audio: str, threads: int, hop: float, batch: int, pre
     stop.set()
     sampler.join()
     quartiles = [max((r for t, r in samples if t - t0 <= q * t_tag), default=rss_loaded) for q in (0.25, 0.5, 0.75, 1.0)]
+    cuda_mb = torch.cuda.max_memory_allocated() / 1e6 if tagger.device.type == "cuda" else None
     print(json.dumps({"load_s": t_load, "tag_s": t_tag, "tag_cpu_s": c_tag, "windows": result.num_windows, "duration": result.duration,
                       "rss_after_load_mb": rss_loaded, "peak_rss_mb": _peak_rss_mb(),
-                      "max_rss_by_quarter_mb": quartiles}))
+                      "max_rss_by_quarter_mb": quartiles, "device": str(tagger.device), "precision": tagger.precision,
+                      "peak_cuda_mb": cuda_mb}))
 
 
 def bench_long(args: argparse.Namespace, folder: Path) -> None:
@@ -165,7 +172,7 @@ def bench_long(args: argparse.Namespace, folder: Path) -> None:
 
     ckpt = _write_checkpoint(args.long_model, folder)
     rows = []
-    for seconds in (120.0, args.long_seconds):
+    for seconds in sorted({min(120.0, args.long_seconds), args.long_seconds}):
         path = folder / f"long_{int(seconds)}s.flac"
         rng = np.random.default_rng(0)
         with sf.SoundFile(str(path), "w", 44100, 2, format="FLAC", subtype="PCM_16") as f:
@@ -174,18 +181,24 @@ def bench_long(args: argparse.Namespace, folder: Path) -> None:
                 f.write(np.concatenate([x, 0.5 * x], axis=1))
         proc = subprocess.run(
             [sys.executable, __file__, "--worker-long", str(ckpt), str(path), "--threads", str(args.threads),
-             "--hop", str(args.hop), "--batch", str(args.batch), "--precision", args.precision],
+             "--hop", str(args.hop), "--batch", str(args.batch), "--precision", args.precision, "--device", args.device],
             capture_output=True, text=True, check=True,
             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
         )
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{args.long_model} ({args.precision}), {seconds / 60:.0f} min 44.1 kHz stereo FLAC, hop {args.hop:g} s, "
+        if args.json:
+            print(json.dumps({"seconds": seconds, "model": args.long_model, "batch": args.batch, **r}), flush=True)
+        cuda = f", peak CUDA memory {r['peak_cuda_mb']:.0f} MB" if r.get("peak_cuda_mb") is not None else ""
+        print(f"{args.long_model} ({r['precision']} on {r['device']}{cuda}), {seconds / 60:.0f} min 44.1 kHz stereo FLAC, "
+              f"hop {args.hop:g} s, "
               f"batch {args.batch}, "
               f"{args.threads} threads: tagged in {r['tag_s']:.1f} s ({r['windows']} windows, "
               f"{r['duration'] / r['tag_s']:.0f}x real time; CPU {r['tag_cpu_s']:.1f} s; load {r['load_s']:.1f} s); "
               f"RSS after load {r['rss_after_load_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB; highest RSS by the end of "
               f"each quarter of the run: {', '.join(f'{q:.0f}' for q in r['max_rss_by_quarter_mb'])} MB", flush=True)
+    if len(rows) < 2:
+        return
     whole = args.long_seconds * 32000 * 4 / 1e6
     print(f"peak RSS growth from 2 min to {args.long_seconds / 60:.0f} min: "
           f"{rows[1]['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB "
@@ -203,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hop", type=float, default=10.0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="model arithmetic on the CPU (bf16: torch.autocast, as infer.py --precision bf16)")
+    p.add_argument("--device", default="cpu", help="device of the long-file tagging: cpu, cuda (default: cpu)")
+    p.add_argument("--json", action="store_true", help="long file: also print each run's JSON record")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-long", action="store_true")
     p.add_argument("--worker-long", nargs=2, metavar=("CKPT", "AUDIO"), help=argparse.SUPPRESS)
@@ -211,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.worker_long:
-        long_worker(*args.worker_long, threads=args.threads, hop=args.hop, batch=args.batch, precision=args.precision)
+        long_worker(*args.worker_long, threads=args.threads, hop=args.hop, batch=args.batch, precision=args.precision,
+                    device=args.device)
         return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,8 @@
 """Reference (DCLS-Audio) checkpoints convert into our models with exact outputs.
 
 For each of the six reference audio models a state_dict in the reference layout (keys and
-shapes from tests/data/dcls_audio_state_dicts.json, a copy of
-../shared/reference/dcls_audio_state_dicts.json; random values; shared DCLS tensors really
+shapes from tests/data/dcls_audio_state_dicts.json, recorded from the reference code at commit
+e139018, see docs/method.md; random values; shared DCLS tensors really
 shared) is saved in the reference training container and converted with the command line. The
 converted model must hold every tensor where it belongs and give the same logits as
 tests/reference_oracle.py, an independent forward pass of the reference architecture:
@@ -251,14 +251,27 @@ def convnext_reference() -> dict[str, torch.Tensor]:
     return random_reference_state_dict("convnext_audio_tiny", seed=5)
 
 
-def test_bare_state_dict_converts_without_labels(convnext_reference, tmp_path, capsys):
+def test_bare_state_dict_converts_with_audioset_names_by_default(convnext_reference, tmp_path, capsys):
     torch.save(convnext_reference, tmp_path / "bare.pth")
     assert main([str(tmp_path / "bare.pth"), str(tmp_path), "--model", "convnext_tiny"]) == 0
-    assert "labels           NONE" in capsys.readouterr().out
+    assert "labels           527 names (AudioSet class_labels_indices.csv, bundled)" in capsys.readouterr().out
     model, info = load_model(tmp_path / "bare.safetensors", bake=False)
-    assert info.model_name == "convnext_tiny" and info.labels == []
+    assert info.model_name == "convnext_tiny"
+    assert info.labels[0] == {"index": 0, "mid": "/m/09x0r", "name": "Speech"}
+    assert info.labels[526] == {"index": 526, "mid": "/m/07hvw1", "name": "Field recording"}
     assert torch.equal(model.state_dict()["stages.2.blocks.5.mlp.fc2.weight"], convnext_reference["stages.2.5.pwconv2.weight"])
     assert info.extra["converted_from"]["weights"] == "bare state_dict"
+
+
+def test_a_checkpoint_of_another_label_space_gets_no_names_without_labels(convnext_reference, tmp_path, capsys):
+    """Fine-tuned on 10 classes: AudioSet's names would be wrong, so none unless --labels."""
+    ten = dict(convnext_reference, **{"head.weight": convnext_reference["head.weight"][:10],
+                                      "head.bias": convnext_reference["head.bias"][:10]})
+    torch.save(ten, tmp_path / "ten.pth")
+    assert main([str(tmp_path / "ten.pth"), str(tmp_path)]) == 0
+    assert "labels           NONE" in capsys.readouterr().out
+    info = read_checkpoint_info(tmp_path / "ten.safetensors")
+    assert info.num_classes == 10 and info.labels == []
 
 
 def test_use_ema_converts_the_ema_weights(convnext_reference, tmp_path):

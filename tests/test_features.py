@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 
 import librosa
@@ -179,17 +180,25 @@ def test_logmel_from_file_reports_duration(tmp_path):
     assert duration == pytest.approx(7.5, abs=1e-3)
 
 
-def test_decode_errors_are_one_line_and_name_the_file(tmp_path):
+def test_decode_errors_are_one_line_name_the_file_and_carry_their_kind(tmp_path):
     corrupt = tmp_path / "corrupt.flac"
     corrupt.write_bytes(b"fLaC" + np.random.default_rng(0).bytes(4000))
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
+    no_samples = tmp_path / "no_samples.wav"
+    sf.write(no_samples, np.zeros(0, np.float32), 16000)
     missing = tmp_path / "missing.wav"
-    for path, words in [(corrupt, "unreadable"), (empty, "empty"), (missing, "no such file")]:
-        with pytest.raises(AudioDecodeError) as info:
-            features.load_audio(path)
-        msg = str(info.value)
-        assert str(path) in msg and words in msg and "\n" not in msg
+    for path, kind, words in [(corrupt, "unreadable", "unreadable"), (empty, "empty", "empty"),
+                              (no_samples, "empty", "no audio samples"), (missing, "missing", "no such file")]:
+        for decode in (features.load_audio, features.decode_audio, lambda p: list(features.stream_audio(p, 32000))):
+            with pytest.raises(AudioDecodeError) as info:
+                decode(path)
+            err = info.value
+            assert (err.kind, err.path) == (kind, str(path)) and words in err.reason
+            assert str(err) == f"{path}: {err.reason}" and "\n" not in str(err)
+    # the fields survive pickling (errors cross process boundaries)
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.kind, again.path, again.reason, str(again)) == (err.kind, err.path, err.reason, str(err))
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is not None, reason="ffmpeg is installed here")
@@ -200,3 +209,4 @@ def test_m4a_without_ffmpeg_gives_a_clear_error(tmp_path):
         features.load_audio(path)
     msg = str(info.value)
     assert str(path) in msg and "ffmpeg" in msg and "\n" not in msg
+    assert info.value.kind == "unreadable"

@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from helpers_tagging import AUDIO_VARIANTS, LABEL_NAMES, LABELS, write_audio, write_checkpoint, write_variants
@@ -79,6 +81,33 @@ def test_folder_with_corrupt_file_jsonl(capsys, checkpoint, folder):
     err_lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(err_lines) == 1 and str(folder / "broken.flac") in err_lines[0] and "unreadable" in err_lines[0]
     assert "1 failed" in err
+
+
+def test_a_folder_reports_every_entry_it_cannot_tag_and_warns_about_a_tiny_file(capsys, checkpoint, tmp_path):
+    root = tmp_path / "mixed"
+    (root / "sub").mkdir(parents=True)
+    write_audio(root / "sub" / "good.wav", 2.0, sr=32000, fmt="WAV")
+    sf.write(str(root / "tiny.wav"), np.array([0.1, -0.2, 0.1], np.float32), 32000)  # 3 samples
+    (root / "gone.flac").symlink_to(tmp_path / "deleted.flac")  # a dangling link
+    os.mkfifo(root / "stream.wav")  # not a regular file: reading it would block forever
+    (root / "notes.txt").symlink_to(tmp_path / "nowhere.txt")  # not audio: not an input at all
+    code, out, err = run(capsys, "--checkpoint", checkpoint, root, "--format", "jsonl", "-q")
+    assert code == 1
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {root / 'gone.flac'}: dangling symbolic link (to {tmp_path / 'deleted.flac'})",
+                      f"error: {root / 'stream.wav'}: not a regular file (a pipe, socket or device)"]
+    (warning,) = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert warning.startswith(f"warning: {root / 'tiny.wav'}: only 3 samples (0.1 ms)") and "mean little" in warning
+    assert "tagged 2 of 4 input(s); 2 failed" in err
+    records = {r["path"]: r for r in map(json.loads, out.splitlines())}
+    assert set(records) == {str(root / n) for n in ("gone.flac", "stream.wav", "sub/good.wav", "tiny.wav")}
+    assert "error" in records[str(root / "gone.flac")] and "warning" in records[str(root / "tiny.wav")]
+    assert "warning" not in records[str(root / "sub" / "good.wav")]
+    # nothing taggable at all: the same lines, no model loaded
+    (root / "sub" / "good.wav").unlink()
+    (root / "tiny.wav").unlink()
+    code, _, err = run(capsys, "--checkpoint", tmp_path / "never_read.safetensors", root, "-q")
+    assert code == 1 and err.count("error:") == 3 and "no audio files could be read" in err
 
 
 def test_json_document_and_per_window_timestamps(capsys, checkpoint, folder, tmp_path):

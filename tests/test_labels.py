@@ -84,8 +84,13 @@ def test_unknown_mid_is_an_error_naming_file_and_line(tmp_path, labels):
     segs = read_segments(path, labels, unknown_mids="drop")
     assert [s.ytid for s in segs] == ["-0RWZT-miFs", "abcdEFGH_12"]
     assert segs[0].labels == (3,)
-    reasons = [r for _, r in segs.dropped]
-    assert any("/m/zzzz" in r for r in reasons) and any("no known label" in r for r in reasons)
+    # the row left with no mid (its mid dropped, then the row), and the row that lost /m/zzzz
+    lost, skipped, kept = segs.dropped
+    assert all(d.kind == "label" for d in segs.dropped)
+    assert (lost.ytid, lost.start, lost.end) == (skipped.ytid, skipped.start, skipped.end) == ("--4gqARaEJE", 0, 10)
+    assert "/m/yyy" in lost.reason and "no known label" in skipped.reason and skipped.row.endswith("seg.csv:4")
+    assert (kept.ytid, kept.start, kept.end) == ("-0RWZT-miFs", 420.0, 430.0)
+    assert kept.row.endswith("seg.csv:5") and "/m/zzzz" in kept.reason
 
 
 @pytest.mark.parametrize(
@@ -124,8 +129,9 @@ def test_several_files_are_concatenated_and_duplicates_reported(tmp_path, labels
                  "--4gqARaEJE,0,10,/m/09x0r\n")
     segs = read_segment_files([a, b], labels)
     assert [s.ytid for s in segs] == ["--4gqARaEJE", "-0RWZT-miFs", "abcdEFGH_12", "zzzzzzzzzzz"]
-    (source, reason), = segs.dropped
-    assert source.endswith("b.csv:3") and "duplicate" in reason and "a.csv:4" in reason
+    (dup,) = segs.dropped
+    assert (dup.kind, dup.ytid, dup.start, dup.end) == ("duplicate", "--4gqARaEJE", 0.0, 10.0)
+    assert dup.row.endswith("b.csv:3") and "a.csv:4" in dup.reason
 
 
 def test_real_audioset_metadata(audioset_meta: Path):
@@ -203,3 +209,29 @@ def test_filename_pattern(tmp_path):
     assert resolve_pattern("{ytid[0]}/{ytid}_{start_s}.flac", "d", seg) == Path("d/-/-0RWZT-miFs_420.flac")
     with pytest.raises(ValueError, match="fields: ytid"):
         resolve_pattern("{id}.wav", "d", seg)
+
+
+def test_audioset_class_index_ships_with_the_package():
+    """The bundled class index (CC BY 4.0, with its attribution) is declared package data, so a
+    wheel or the Docker image has it; it parses into AudioSet's 527 classes."""
+    import importlib.resources
+    from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from audioset_dcls.labels import audioset_label_set
+
+    labels = audioset_label_set()
+    assert len(labels) == 527 and labels.names[:2] == ("Speech", "Male speech, man speaking")
+    assets = importlib.resources.files("audioset_dcls") / "assets"
+    assert "CC BY 4.0" in (assets / "NOTICE.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["audioset_dcls"]
+    for name in ("class_labels_indices.csv", "NOTICE.md"):
+        assert any(fnmatch(f"assets/{name}", pat) for pat in patterns), name
+
+
+def test_bundled_class_index_is_audiosets(audioset_meta):
+    from audioset_dcls.labels import audioset_label_set
+
+    assert audioset_label_set() == read_label_set(audioset_meta / "class_labels_indices.csv")

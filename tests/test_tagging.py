@@ -3,6 +3,7 @@ real formats, baked == unbaked, embeddings, cross-file batching, threads/devices
 
 from __future__ import annotations
 
+import os
 import pickle
 import tracemalloc
 from pathlib import Path
@@ -248,10 +249,12 @@ def test_failures_are_reported_and_others_go_on(tagger, audio_dir, tmp_path):
     good = audio_dir / "mono32k.wav"
     results = list(tagger.tag_many([good, corrupt, tmp_path / "missing.wav", empty, fake_m4a, good]))
     assert [r.ok for r in results] == [True, False, False, False, False, True]
-    reasons = [r.reason for r in results if isinstance(r, TagFailure)]
+    failures = [r for r in results if isinstance(r, TagFailure)]
+    reasons = [r.reason for r in failures]
     assert "unreadable audio" in reasons[0] and "no such file" in reasons[1] and "empty file" in reasons[2]
     assert "ffmpeg" in reasons[3]
-    assert all("\n" not in r for r in reasons)
+    assert all("\n" not in r and not r.startswith(str(tmp_path)) for r in reasons)  # the record names the file
+    assert [r.kind for r in failures] == ["unreadable", "missing", "empty", "unreadable"]
     np.testing.assert_array_equal(results[0].scores, results[5].scores)
     with pytest.raises(AudioDecodeError, match="corrupt.flac"):
         tagger.tag(corrupt)
@@ -267,6 +270,44 @@ def test_expand_inputs(tmp_path, audio_dir):
     assert expand_inputs([str(tmp_path / "a")]) == [str(tmp_path / "a" / "b" / "deep.flac"),
                                                     str(tmp_path / "a" / "top.WAV")]
     assert expand_inputs(["@" + str(listing)]) == [str(tmp_path / "a" / "top.WAV"), str(audio_dir / "mono32k.wav")]
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path):
+    """Permission denied on a sub-folder; root reads everything, so as root the walk runs in a
+    child process that drops to an unprivileged user."""
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)
+        root = Path(top)
+        (root / "open").mkdir()
+        (root / "locked").mkdir()
+        for name in ("open/a.wav", "locked/b.wav", "secret.wav"):
+            (root / name).write_bytes(b"RIFF")  # never decoded here
+        os.chmod(root / "open" / "a.wav", 0o644)
+        os.chmod(root / "locked", 0o000)
+        os.chmod(root / "secret.wav", 0o000)
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_expand_unprivileged, args=(str(root), child))
+        proc.start()
+        found, problems = parent.recv()
+        proc.join()
+        os.chmod(root / "locked", 0o755)
+    assert found == [str(root / "open" / "a.wav")]
+    assert problems == [(str(root / "locked"), "cannot list this folder (Permission denied): its files are not tagged",
+                         "unreadable"),
+                        (str(root / "secret.wav"), "cannot be read (permission denied)", "unreadable")]
+
+
+def _expand_unprivileged(root: str, conn) -> None:
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)  # nobody
+    problems: list = []
+    found = expand_inputs([root], problems=problems)
+    conn.send((found, [(p.source, p.reason, p.kind) for p in problems]))
 
 
 # ---- threads and devices --------------------------------------------------------------------
@@ -305,6 +346,7 @@ def test_precision_choice_and_bf16_on_cpu(checkpoint, audio_dir):
     assert list(np.argsort(-a.scores)[:3]) == list(np.argsort(-b.scores)[:3])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(checkpoint, audio_dir):
     path = audio_dir / "stereo44k.flac"
@@ -351,20 +393,20 @@ def test_pickle_checkpoint_is_refused_without_running_code(tmp_path, suffix):
 
 @pytest.mark.parametrize("name", [v[0] for v in AUDIO_VARIANTS])
 def test_shard_features_equal_tagger_features(tagger, audio_dir, name):
-    """The shard builder's stored log-mel of a file (float16) equals the tagger's first window of
-    the same file cast to float16: training and tagging see the same features. (The 12 s file's
-    shard is its first 10 s, which is the tagger's first window.)"""
+    """The shard builder's stored log-mel of a file (float16 encoding, the more precise one) equals
+    the tagger's first window of the same file cast to float16: training and tagging see the same
+    features. (The 12 s file's shard is its first 10 s, which is the tagger's first window.)"""
     build = pytest.importorskip("preprocessing.build_shards", reason="the shard builder is not in this checkout")
-    from audioset_dcls.shards import decode_sample
+    from audioset_dcls.shards import LogmelEncoding, decode_sample
 
     path = audio_dir / name
     result = build.process_clip(build.ClipTask(key="clip", path=str(path), labels=(1,), ytid="x", start=0.0, end=10.0),
-                                tagger.features)
+                                tagger.features, LogmelEncoding("float16"))
     assert result.kind == "ok", result.reason
-    stored = decode_sample(result.sample).logmel  # (128, 1001) float16
+    stored = decode_sample(result.sample).logmel  # (128, 1001) float32 of float16 values
     _, first = next(iter(tagger.windows(path)))
     mine = tagger.windows_logmel(torch.from_numpy(first[None]))[0].numpy().astype(np.float16)
-    assert stored.dtype == np.float16 and stored.shape == mine.shape
+    assert np.array_equal(stored.astype(np.float16), stored) and stored.shape == mine.shape
     # Bit-identical here; the tolerance allows one float16 step (0.06 dB at |x| ~ 100), in case
     # a batched STFT rounds a float32 value across a float16 boundary on another machine.
     np.testing.assert_allclose(stored.astype(np.float32), mine.astype(np.float32), rtol=1e-3, atol=1e-3)
