@@ -16,11 +16,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ffmpeg tini \
     && rm -rf /var/lib/apt/lists/*
 
+# Published models fetched by `tag` (infer.py without --checkpoint) are cached on the /runs
+# volume, so they are downloaded once, not once per container.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    AUDIOSET_DCLS_CACHE=/runs/cache/audioset_dcls
 
 WORKDIR /opt/audioset-dcls
 

@@ -4,6 +4,7 @@
 #   train ARGS         -> accelerate launch $ACCELERATE_ARGS train.py ARGS
 #                         (ACCELERATE_ARGS e.g. "--multi_gpu --num_processes 8 --mixed_precision bf16")
 #   tag ARGS           -> python infer.py ARGS
+#   evaluate ARGS      -> accelerate launch $ACCELERATE_ARGS -m audioset_dcls.evaluate ARGS
 #   convert ARGS       -> python -m audioset_dcls.convert_reference ARGS
 #   export ARGS        -> python -m audioset_dcls.export ARGS
 #   example            -> the built-in example (synthetic data -> shards -> train -> tag) under /runs
@@ -18,10 +19,13 @@ case "$cmd" in
     # shellcheck disable=SC2086
     exec accelerate launch ${ACCELERATE_ARGS:-} train.py "$@" ;;
   tag) exec python infer.py "$@" ;;
+  evaluate)
+    # shellcheck disable=SC2086
+    exec accelerate launch ${ACCELERATE_ARGS:-} -m audioset_dcls.evaluate "$@" ;;
   convert) exec python -m audioset_dcls.convert_reference "$@" ;;
   export) exec python -m audioset_dcls.export "$@" ;;
   example) exec bash scripts/example.sh "${1:-/runs/example}" ;;
   help|--help|-h)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) exec "$cmd" "$@" ;;
 esac

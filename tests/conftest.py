@@ -21,3 +21,16 @@ def audioset_meta() -> Path:
     if not (SHARED_META / "class_labels_indices.csv").is_file():
         pytest.skip(f"real AudioSet metadata not found at {SHARED_META}")
     return SHARED_META
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_weight_downloads(tmp_path_factory):
+    """No test downloads published weights or touches the user's model cache: an empty cache of
+    the session's own, downloads off. Tests that fetch serve the files themselves (loopback
+    server, tests/test_pretrained.py) and turn downloads back on for that."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("AUDIOSET_DCLS_CACHE", str(tmp_path_factory.mktemp("weights_cache")))
+    patch.setenv("AUDIOSET_DCLS_OFFLINE", "1")
+    patch.delenv("AUDIOSET_DCLS_WEIGHTS_URL", raising=False)
+    yield
+    patch.undo()

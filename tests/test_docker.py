@@ -77,6 +77,7 @@ def test_entrypoint_is_valid_bash():
         ("build-shards", [sys.executable, "-m", "preprocessing.build_shards", "--help"]),
         ("train", [sys.executable, "train.py", "--help"]),
         ("tag", [sys.executable, "infer.py", "--help"]),
+        ("evaluate", [sys.executable, "-m", "audioset_dcls.evaluate", "--help"]),
         ("convert", [sys.executable, "-m", "audioset_dcls.convert_reference", "--help"]),
         ("export", [sys.executable, "-m", "audioset_dcls.export", "--help"]),
     ],
