@@ -59,3 +59,46 @@ def test_d_prime_formula():
 
     for auc in (0.6, 0.9, 0.97):
         assert d_prime(auc) == pytest.approx(math.sqrt(2) * norm.ppf(auc), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- thresholds
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_max_f1_threshold_matches_sklearns_best_f1(seed):
+    from sklearn.metrics import f1_score, precision_recall_curve
+
+    from audioset_dcls.metrics import max_f1_threshold
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(400) < 0.2).astype(int)
+    s = rng.random(400) + 0.6 * y
+    if seed == 2:
+        s = np.round(s, 1)  # ties form one candidate
+    t, f1 = max_f1_threshold(y, s)
+    p, r, _ = precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore"):
+        best = np.nanmax(2 * p * r / (p + r))
+    assert f1 == pytest.approx(best, abs=1e-12)
+    assert f1_score(y, s >= t) == pytest.approx(best, abs=1e-12)  # the cut-off gives those decisions
+    assert math.isnan(max_f1_threshold(np.zeros(5), np.arange(5.0))[0])
+
+
+def test_calibrated_thresholds_fall_back_for_rare_classes():
+    from audioset_dcls.metrics import calibrate_thresholds, max_f1_threshold
+
+    rng = np.random.default_rng(0)
+    n = 300
+    targets = np.zeros((n, 3), int)
+    targets[:60, 0] = 1
+    targets[:3, 1] = 1  # 3 positives: below min_positives
+    scores = rng.random((n, 3)) * 0.5
+    scores[:60, 0] += 0.45  # class 0 separable near 0.5
+    cal = calibrate_thresholds(targets, scores, min_positives=5)
+    assert list(cal["fallback"]) == [False, True, True]
+    assert cal["thresholds"][0] == pytest.approx(max_f1_threshold(targets[:, 0], scores[:, 0])[0])
+    assert cal["thresholds"][1] == cal["thresholds"][2] == cal["global_threshold"]
+    pred = scores[:, 0] >= cal["thresholds"][0]
+    assert cal["precision"][0] == pytest.approx(pred[:60].sum() / pred.sum())
+    assert cal["recall"][0] == pytest.approx(pred[:60].mean())
+    assert math.isnan(cal["recall"][2]) and math.isnan(cal["f1"][2])  # no positive: no recall
