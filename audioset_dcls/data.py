@@ -13,7 +13,7 @@ exactly the stream it left)::
     batch             -- (B, 1, n_mels, T) float32, (B, num_classes) float32, keys
     epoch slice       -- a fixed number of batches per worker (open_clip's with_epoch), minus
                          the batches a resumed run has already trained on
-    WebLoader
+    Loader (a DataLoader that shuts its workers down at exit)
 
 Evaluation: the ordered shard list is split by node (shard i goes to rank i % world) and by
 worker, never resampled or padded, so every clip is seen exactly once over all ranks and
@@ -26,10 +26,12 @@ already split by node.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import random
+import weakref
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -56,6 +58,7 @@ __all__ = [
     "build_train_loader",
     "build_eval_loader",
     "move_batch",
+    "Loader",
     "count_labels",
     "derive_seed",
 ]
@@ -342,9 +345,8 @@ def build_train_loader(
         _epoch_slice_stage(per_rank // w, skip_batches // w),
     ]
     pipeline = wds.DataPipeline(*stages)
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                           pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                           worker_init_fn=ignore_stop_signals)
+    loader = Loader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                    pin_memory=torch.cuda.is_available(), persistent_workers=False, worker_init_fn=ignore_stop_signals)
     it = iter(loader)
     for _ in range(skip_batches % w):
         next(it)
@@ -352,7 +354,7 @@ def build_train_loader(
 
 
 def build_eval_loader(shards: ShardSet, batch_size: int, num_workers: int, norm: Normalization, *, rank: int,
-                      world_size: int) -> wds.WebLoader:
+                      world_size: int) -> Loader:
     """Ordered evaluation batches for this rank (same dict as training, last batch partial).
 
     Shard i goes to rank i % world_size and, within a rank, to one loader worker: every clip
@@ -368,8 +370,37 @@ def build_eval_loader(shards: ShardSet, batch_size: int, num_workers: int, norm:
         _decode_stage(shards.features, norm, shards.num_classes, counter),
         _batch_stage(batch_size, partial=True, counter=counter),
     )
-    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                         pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
+    return Loader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                  pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes are shut down before the interpreter exits.
+
+    The workers ignore SIGTERM (:func:`~audioset_dcls.preemption.ignore_stop_signals`), and
+    SIGTERM is how multiprocessing ends daemon children at exit: a rank that exits while a
+    loader runs (an exception mid-epoch keeps the loader alive in its traceback) would wait on
+    them forever. Every iterator with workers is remembered (weakly) and, at exit, shut down
+    the way its own ``__del__`` would (done event, then join)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers > 0:
+            global _exit_hook_registered
+            if not _exit_hook_registered:
+                atexit.register(_shut_down_live_iterators)
+                _exit_hook_registered = True
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _shut_down_live_iterators() -> None:
+    for it in list(_LIVE_ITERATORS):
+        it._shutdown_workers()  # torch's own clean shutdown (what DataLoader iterators' __del__ calls)
 
 
 def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

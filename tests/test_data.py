@@ -105,6 +105,28 @@ def test_train_stream_is_reproducible_per_epoch_and_resumes_mid_epoch(shards):
         assert keys(0, skip=skip) == full[skip:]
 
 
+def test_a_rank_that_fails_mid_epoch_exits_instead_of_waiting_on_its_workers(shards):
+    """The workers ignore SIGTERM, which is how multiprocessing ends daemon children at exit: a
+    rank whose epoch raises (its loader alive in the traceback) used to hang there forever."""
+    import subprocess
+    import sys
+
+    train_dir, _ = shards
+    script = (
+        "import sys\n"
+        "from audioset_dcls.config import DataConfig\n"
+        "from audioset_dcls.data import build_train_loader, open_shard_set\n"
+        "from audioset_dcls.features import Normalization\n"
+        "s = open_shard_set(sys.argv[1], 'data.train')\n"
+        "cfg = DataConfig(batch_size=4, num_workers=2, shuffle_buffer=20, shuffle_initial=5)\n"
+        "it, _ = build_train_loader(s, cfg, Normalization(), epoch=0, seed=0, rank=0, world_size=1, accum=1)\n"
+        "next(it)\n"
+        "raise RuntimeError('failed mid-epoch')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(train_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "RuntimeError: failed mid-epoch" in proc.stderr
+
+
 def test_loader_workers_leave_stop_signals_to_their_rank(shards):
     """A scheduler signals every process of a job, loader workers included: they must keep
     feeding the rank, which finishes its step and checkpoints (training.py)."""
