@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -308,8 +309,11 @@ def test_a_stop_signal_only_raises_a_flag_and_the_handlers_are_put_back():
 
     before = signal.getsignal(signal.SIGUSR1)
     with StopSignals((signal.SIGTERM, signal.SIGUSR1)) as signals:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGTERM)
+        # Sent to this thread, not the process: a process-directed signal may be taken by one of
+        # torch's threads and still be pending when the handlers are put back (SIGTERM's default
+        # then kills the test run). A thread-directed one is delivered before pthread_kill returns.
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
         time.sleep(0.01)  # Python runs handlers between bytecodes of the main thread
         assert signals.received == signal.SIGUSR1 and signals.name == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is before
