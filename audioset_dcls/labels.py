@@ -49,6 +49,7 @@ __all__ = [
     "audioset_label_set",
     "read_segments",
     "read_segment_files",
+    "drop_duplicates",
     "AUDIO_EXTENSIONS",
     "AudioIndex",
     "index_audio_dir",
@@ -172,20 +173,27 @@ class Segment:
     ``labels`` are class indices into the LabelSet the list was read with; ``file`` and
     ``line`` say where the row came from (slots and shared strings keep the ~2M rows of the
     unbalanced list at a few hundred MB).
+
+    ``path``: the audio file, when the input names it (a ``--list`` CSV or ``--class-folders``;
+    see ``shard_build.sources``). Then ``ytid`` is an id made from the path, and ``start`` /
+    ``end`` cut the clip from that file (``end`` None: to the end of the file). Without
+    ``path`` (AudioSet), they are the times in the video, and the file found for the segment
+    already holds just the clip.
     """
 
     ytid: str
     start: float
-    end: float
+    end: float | None
     mids: tuple[str, ...]
     labels: tuple[int, ...] = ()
     file: str = ""
     line: int = 0
+    path: str | None = None
 
     @property
     def source(self) -> str:
-        """``file:line`` of the row, for messages."""
-        return f"{self.file}:{self.line}"
+        """``file:line`` of the row, for messages (the audio file of a class folder: no line)."""
+        return f"{self.file}:{self.line}" if self.line else self.file
 
     @property
     def key(self) -> str:
@@ -205,7 +213,7 @@ class DroppedRow:
     kind: str
     ytid: str
     start: float
-    end: float
+    end: float | None
     row: str
     reason: str
 
@@ -296,12 +304,12 @@ def read_segments(
                             f"{where}: mid(s) {', '.join(unknown)} not in the class index "
                             "(wrong class_labels_indices.csv? use unknown_mids='drop' to skip them)"
                         )
-                    dropped.append(DroppedRow("label", ytid, start, end, where,
-                                              f"{ytid}: unknown mid(s) {', '.join(unknown)} dropped"))
                     mids = tuple(m for m in mids if m in labels.index)
+                    # One report per row: the row skipped, or the mids dropped from a kept row.
+                    what = "no known label left, segment skipped" if not mids else "dropped"
+                    dropped.append(DroppedRow("label", ytid, start, end, where,
+                                              f"{ytid}: unknown mid(s) {', '.join(unknown)}; {what}"))
                     if not mids:
-                        dropped.append(DroppedRow("label", ytid, start, end, where,
-                                                  f"{ytid}: no known label left, segment skipped"))
                         continue
                 indices = tuple(labels.indices(mids))
                 mids = tuple(labels.mids[i] for i in indices)  # shared strings, sorted by index
@@ -319,20 +327,29 @@ def read_segment_files(
     A segment whose key (``<ytid>_<start_ms>``) was already read is dropped and reported, so
     each key appears once; order is file order, then row order.
     """
-    out: list[Segment] = []
     dropped: list[DroppedRow] = []
-    first_seen: dict[str, str] = {}
+    segments: list[Segment] = []
     for p in paths:
         part = read_segments(p, labels, unknown_mids=unknown_mids)
         dropped.extend(part.dropped)
-        for seg in part:
-            k = seg.key
-            if k in first_seen:
-                dropped.append(DroppedRow("duplicate", seg.ytid, seg.start, seg.end, seg.source,
-                                          f"{seg.ytid}: duplicate of segment at {first_seen[k]}, skipped"))
-                continue
-            first_seen[k] = seg.source
-            out.append(seg)
+        segments.extend(part.segments)
+    return drop_duplicates(segments, dropped)
+
+
+def drop_duplicates(segments: Iterable[Segment], dropped: Sequence[DroppedRow] = ()) -> SegmentList:
+    """Keep the first segment of each key (``<ytid>_<start_ms>``), report the others as
+    ``"duplicate"`` after ``dropped``."""
+    out: list[Segment] = []
+    dropped = list(dropped)
+    first_seen: dict[str, str] = {}
+    for seg in segments:
+        k = seg.key
+        if k in first_seen:
+            dropped.append(DroppedRow("duplicate", seg.ytid, seg.start, seg.end, seg.source,
+                                      f"{seg.ytid}: duplicate of segment at {first_seen[k]}, skipped"))
+            continue
+        first_seen[k] = seg.source
+        out.append(seg)
     return SegmentList(out, dropped)
 
 

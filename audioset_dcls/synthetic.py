@@ -217,6 +217,74 @@ def make_mini_audioset(
     return ds
 
 
+# Your own labelled audio, ESC-50 style: single-label classes of their own names (made of some of
+# the sounds above), 5 s clips. name -> index in CLASSES of the sound it is made of.
+OWN_CLASSES: dict[str, int] = {"alarm": 6, "clicks": 3, "hum": 0, "siren": 4, "whistle": 1}
+
+
+@dataclass
+class OwnDataset:
+    """Paths of a generated own-label dataset (``make_own_dataset``)."""
+
+    root: Path
+    class_folders: Path  # <class>/<file>, one folder per class
+    folds: list[Path]  # list CSVs (path,labels,start,end), one per fold
+    class_names: list[str]
+    broken: list[Path] = field(default_factory=list)
+
+
+def make_own_dataset(root: str | Path, *, per_class: int = 8, folds: int = 2, seconds: float = 5.0,
+                     seed: int = 0, broken: bool = True) -> OwnDataset:
+    """Write a small single-label dataset of its own label names, as users bring theirs.
+
+    ``root/clips/<class>/<n>.wav|flac``: ``per_class`` clips of ``seconds`` per class (sample
+    rates 16-48 kHz, mono and stereo); ``root/recordings/long-<k>.flac``: one longer recording per
+    fold of three 4 s events, cut by ``start,end`` in the lists; ``root/folds/fold<k>.csv``:
+    ``path,labels,start,end`` (paths relative to the CSV), clip ``n`` in fold ``n % folds + 1``.
+    With ``broken``, ``clips/hum/broken.wav`` is corrupt (listed in fold 1) and a ``notes.txt``
+    lies among the clips (not audio: ignored).
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    clips, fold_dir = root / "clips", root / "folds"
+    rows: list[list[list[str]]] = [[] for _ in range(folds)]
+    variants = [("wav", "WAV", "PCM_16", 16000, 1), ("flac", "FLAC", "PCM_16", 44100, 2),
+                ("wav", "WAV", "FLOAT", 32000, 1), ("flac", "FLAC", "PCM_24", 48000, 1)]
+    for name, sound in OWN_CLASSES.items():
+        (clips / name).mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            ext, fmt, subtype, sr, channels = variants[n % len(variants)]
+            mono = synthesize_clip([sound], seconds, sr, rng)
+            data = np.stack([mono, mono * 0.8], axis=1) if channels == 2 else mono
+            path = clips / name / f"{n:03d}.{ext}"
+            sf.write(str(path), data, sr, format=fmt, subtype=subtype)
+            rows[n % folds].append([f"../clips/{name}/{path.name}", name, "", ""])
+    (root / "recordings").mkdir(parents=True, exist_ok=True)
+    names = list(OWN_CLASSES)
+    for k in range(folds):
+        events = [names[int(i)] for i in rng.choice(len(names), size=3, replace=False)]
+        sr = 32000
+        wave = np.concatenate([synthesize_clip([OWN_CLASSES[e]], 4.0, sr, rng) for e in events])
+        sf.write(str(root / "recordings" / f"long-{k + 1}.flac"), wave, sr)
+        rows[k] += [[f"../recordings/long-{k + 1}.flac", e, f"{4.0 * i:g}", f"{4.0 * (i + 1):g}"]
+                    for i, e in enumerate(events)]
+    ds = OwnDataset(root=root, class_folders=clips, folds=[], class_names=sorted(OWN_CLASSES))
+    if broken:
+        bad = clips / "hum" / "broken.wav"
+        bad.write_bytes(b"RIFF" + rng.bytes(1024))
+        (clips / "alarm" / "notes.txt").write_text("recorded with a phone, 2026\n")
+        rows[0].append(["../clips/hum/broken.wav", "hum", "", ""])
+        ds.broken.append(bad)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(folds):
+        path = fold_dir / f"fold{k + 1}.csv"
+        with open(path, "w", newline="") as f:
+            f.write("path,labels,start,end\n")
+            f.writelines(",".join(r) + "\n" for r in rows[k])
+        ds.folds.append(path)
+    return ds
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path, help="directory to write the dataset into")
@@ -224,7 +292,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", type=int, default=80, help="number of evaluation clips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-broken", action="store_true", help="do not add corrupt/empty/missing clips")
+    p.add_argument("--own", action="store_true",
+                   help="write a small single-label dataset of its own label names instead (class folders + "
+                        "fold lists, as for fine-tuning); --train is then clips per class")
+    p.add_argument("--folds", type=int, default=2, help="with --own: number of fold lists")
     args = p.parse_args(argv)
+    if args.own:
+        own = make_own_dataset(args.out, per_class=args.train, folds=args.folds, seed=args.seed,
+                               broken=not args.no_broken)
+        print(f"wrote {args.train} clips per class of {', '.join(own.class_names)} to {own.class_folders}")
+        print(f"  fold lists: {' '.join(map(str, own.folds))}")
+        if own.broken:
+            print(f"  broken on purpose: {', '.join(map(str, own.broken))}")
+        return
     ds = make_mini_audioset(args.out, num_train=args.train, num_eval=args.eval, seed=args.seed,
                             broken=not args.no_broken)
     print(f"wrote {args.train} train + {args.eval} eval clips, {len(CLASSES)} classes, to {ds.root}")

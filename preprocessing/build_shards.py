@@ -1,8 +1,17 @@
-"""Build log-mel WebDataset shards from an AudioSet download: the command line.
+"""Build log-mel WebDataset shards from an AudioSet download or your own labelled audio: the
+command line.
 
     python -m preprocessing.build_shards --segments balanced_train_segments.csv \\
         unbalanced_train_segments.csv --labels class_labels_indices.csv \\
         --audio-dir /data/audioset/audio --out /data/shards/train --split train --workers 16
+    python -m preprocessing.build_shards --list train.csv --out shards/train --split train
+    python -m preprocessing.build_shards --list eval.csv --classes shards/train --out shards/eval --split eval
+    python -m preprocessing.build_shards --class-folders clips/ --out shards/train --split train
+
+``--list``: CSVs with a header ``path,labels[,start,end]`` (labels separated by ``;``, paths
+relative to the CSV); ``--class-folders``: ``DIR/<class>/*.wav``; ``--classes``: the class list
+(a text file, or the train shard folder) so that train and eval share class indices. See
+:mod:`audioset_dcls.shard_build.sources`.
 
 Writes ``<split>-NNNNNN.tar`` shards, ``sizes.json``, ``manifest.json``, ``skipped.csv`` and the
 resume state ``_build/`` into ``--out`` (one split per folder). Re-running the same command
@@ -67,12 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m preprocessing.build_shards",
         description="Build log-mel WebDataset shards (+ manifest, sizes.json, skipped.csv) from AudioSet "
-                    "segment CSVs and a folder of downloaded audio.",
+                    "segment CSVs and a folder of downloaded audio, from lists of labelled files (--list) or "
+                    "from one folder per class (--class-folders).",
     )
     p.add_argument("--segments", nargs="+", type=Path, metavar="CSV",
                    help="segment CSV(s), e.g. balanced_train_segments.csv unbalanced_train_segments.csv")
     p.add_argument("--labels", type=Path, metavar="CSV", help="class_labels_indices.csv")
     p.add_argument("--audio-dir", type=Path, metavar="DIR", help="folder of audio files (searched recursively)")
+    p.add_argument("--list", dest="lists", nargs="+", type=Path, metavar="CSV",
+                   help="your own labelled audio: CSV(s) with a header path,labels[,start,end]; labels separated "
+                        "by ';'; paths relative to the CSV's folder; start/end (s) cut a clip from a longer file")
+    p.add_argument("--class-folders", type=Path, metavar="DIR",
+                   help="your own labelled audio: DIR/<class>/<file> (any depth, audio extensions), one label per clip")
+    p.add_argument("--classes", type=Path, metavar="FILE",
+                   help="class list for --list/--class-folders: a text file (one name per line) or the train "
+                        "shard folder / its manifest.json (default: the sorted set of labels found)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (one split per folder)")
     p.add_argument("--split", metavar="NAME", help="split name, used in shard names: NAME-000000.tar")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -89,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how log-mels are stored: uint8 (default; 0.625 dB steps + zstd, ~75 kB per 10 s clip, "
                         "at most 0.3125 dB off) or float16 (~256 kB per clip)")
     p.add_argument("--unknown-mids", choices=("error", "drop"), default="error",
-                   help="a label not in --labels: stop with an error (default) or drop it and report it")
+                   help="a label not in --labels (or --classes): stop with an error (default) or drop it and "
+                        "report it")
     p.add_argument("--no-verify", action="store_true",
                    help="on resume/merge, check finished shards by size only, not sha256")
     p.add_argument("--merge", action="store_true",
@@ -108,12 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{manifest['num_skipped']} clip(s) left out (see {args.out / SKIPPED_NAME}); "
                   f"manifest: {args.out / MANIFEST_NAME}")
             return 0
-        missing = [f"--{n.replace('_', '-')}" for n in ("segments", "labels", "audio_dir", "split")
-                   if getattr(args, n) is None]
+        needed = ("segments", "labels", "audio_dir", "split") if not (args.lists or args.class_folders) else ("split",)
+        missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
         if missing:
             parser.error(f"missing {', '.join(missing)} (needed unless --merge)")
         opts = BuildOptions(
-            segments=tuple(args.segments), labels=args.labels, audio_dir=args.audio_dir, out=args.out,
+            segments=tuple(args.segments or ()), labels=args.labels, audio_dir=args.audio_dir, out=args.out,
+            lists=tuple(args.lists or ()), class_folders=args.class_folders, classes=args.classes,
             split=args.split, workers=args.workers, shard_size=args.shard_size, part=args.part,
             seed=args.seed, shuffle=not args.no_shuffle, pattern=args.pattern,
             unknown_mids=args.unknown_mids, verify=not args.no_verify, progress=not args.no_progress,

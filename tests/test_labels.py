@@ -84,11 +84,11 @@ def test_unknown_mid_is_an_error_naming_file_and_line(tmp_path, labels):
     segs = read_segments(path, labels, unknown_mids="drop")
     assert [s.ytid for s in segs] == ["-0RWZT-miFs", "abcdEFGH_12"]
     assert segs[0].labels == (3,)
-    # the row left with no mid (its mid dropped, then the row), and the row that lost /m/zzzz
-    lost, skipped, kept = segs.dropped
+    # the row left with no mid, reported once, and the row that lost /m/zzzz
+    skipped, kept = segs.dropped
     assert all(d.kind == "label" for d in segs.dropped)
-    assert (lost.ytid, lost.start, lost.end) == (skipped.ytid, skipped.start, skipped.end) == ("--4gqARaEJE", 0, 10)
-    assert "/m/yyy" in lost.reason and "no known label" in skipped.reason and skipped.row.endswith("seg.csv:4")
+    assert (skipped.ytid, skipped.start, skipped.end) == ("--4gqARaEJE", 0, 10)
+    assert "/m/yyy" in skipped.reason and "no known label" in skipped.reason and skipped.row.endswith("seg.csv:4")
     assert (kept.ytid, kept.start, kept.end) == ("-0RWZT-miFs", 420.0, 430.0)
     assert kept.row.endswith("seg.csv:5") and "/m/zzzz" in kept.reason
 

@@ -79,7 +79,8 @@ def build_shards(opts: BuildOptions) -> BuildResult:
         print(f"{opts.split}: {len(order)} segments in {plan['num_shards']} shard slot(s) of {S}; "
               f"this run: {len(todo)} to build, {len(done)} already finished", file=sys.stderr)
     find = file_finder(opts, todo_segs)
-    tasks = (ClipTask(seg.key, find(seg), seg.labels, seg.ytid, seg.start, seg.end) for seg in todo_segs)
+    tasks = (ClipTask(seg.key, find(seg), seg.labels, seg.ytid, seg.start, seg.end, cut=seg.path is not None)
+             for seg in todo_segs)
 
     written, skipped, n_ok = [], Counter(), 0
     bar = tqdm(total=len(todo_segs), unit="clips", desc=f"{opts.split} shards", mininterval=1.0,

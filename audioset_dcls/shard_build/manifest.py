@@ -90,6 +90,8 @@ def make_manifest(plan: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
         "clipped_values": sum(r.get("clipped", 0) for r in records),
         "labels": plan["labels"],
         "num_classes": len(plan["labels"]["mids"]),
+        # {"min", "max"} labels of a clip (train.task=auto reads it); None from records of older builders
+        "labels_per_clip": _labels_per_clip(records),
         # Statistics of the stored (as decoded, dB) features, for Normalization.from_dict.
         "normalization": normalization,
         "feature_stats": {"sum": total, "sum_sq": total_sq, "num_values": n_values},
@@ -110,6 +112,13 @@ def make_manifest(plan: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                   "shuffle": plan["shuffle"], "order_sha256": plan["order_sha256"],
                   "segment_files": plan["segment_files"]},
     }
+
+
+def _labels_per_clip(records: list[dict[str, Any]]) -> dict[str, int] | None:
+    counts = [r.get("labels_per_clip", "old") for r in records if r["count"]]
+    if not counts or "old" in counts:
+        return None
+    return {"min": min(c[0] for c in counts), "max": max(c[1] for c in counts)}
 
 
 def _write_skipped_csv(path: Path, skipped: list[dict[str, Any]]) -> None:

@@ -40,15 +40,22 @@ class BuildError(RuntimeError):
     """The build cannot go on (bad arguments, a folder from another build). One line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BuildOptions:
-    """Everything one build run needs. ``part`` is ``(i, N)``; ``workers=0`` runs in-process."""
+    """Everything one build run needs. ``part`` is ``(i, N)``; ``workers=0`` runs in-process.
 
-    segments: tuple[Path, ...]
-    labels: Path
-    audio_dir: Path
+    The inputs are one of: AudioSet ``segments`` + ``labels`` + ``audio_dir``; ``lists`` (CSVs of
+    ``path,labels[,start,end]``); ``class_folders`` (one sub-folder per class). ``classes`` fixes
+    the class list of the last two (see ``sources``)."""
+
     out: Path
     split: str
+    segments: tuple[Path, ...] = ()
+    labels: Path | None = None
+    audio_dir: Path | None = None
+    lists: tuple[Path, ...] = ()
+    class_folders: Path | None = None
+    classes: Path | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     shard_size: int = 1000
     part: tuple[int, int] = (0, 1)
@@ -62,7 +69,26 @@ class BuildOptions:
     feature_config: FeatureConfig = FeatureConfig()
     encoding: str = "uint8"  # how log-mels are stored: "uint8" (~75 kB per 10 s clip) or "float16" (~256 kB)
 
+    @property
+    def inputs(self) -> str:
+        """The input files or folder, for messages."""
+        paths = self.lists or ((self.class_folders,) if self.class_folders else self.segments)
+        return ", ".join(map(str, paths))
+
+    def input_files(self) -> list[str]:
+        """What the plan records as the build's inputs."""
+        return [str(p) for p in (self.lists or ((self.class_folders,) if self.class_folders else self.segments))]
+
     def check(self) -> None:
+        kinds = [k for k, on in (("--segments", bool(self.segments)), ("--list", bool(self.lists)),
+                                 ("--class-folders", self.class_folders is not None)) if on]
+        if len(kinds) != 1:
+            raise BuildError(f"give one kind of input: --segments (AudioSet), --list or --class-folders, "
+                             f"not {' and '.join(kinds) or 'none'}")
+        if self.segments and (self.labels is None or self.audio_dir is None):
+            raise BuildError("--segments needs --labels (class_labels_indices.csv) and --audio-dir")
+        if self.classes is not None and self.segments:
+            raise BuildError("--classes is for --list and --class-folders; AudioSet's classes come from --labels")
         if not _SPLIT_RE.fullmatch(self.split):
             raise BuildError(f"--split {self.split!r}: use letters, digits, '_' and '-' only")
         if self.shard_size < 1:
@@ -74,8 +100,10 @@ class BuildOptions:
         i, n = self.part
         if not (n >= 1 and 0 <= i < n):
             raise BuildError(f"--part {i}/{n}: expected i/N with 0 <= i < N (e.g. 0/4 ... 3/4)")
-        if not Path(self.audio_dir).is_dir():
+        if self.segments and not Path(self.audio_dir).is_dir():
             raise BuildError(f"{self.audio_dir}: audio folder does not exist")
+        if self.pattern and not self.segments:
+            raise BuildError("--pattern is for --segments: lists and class folders name their files")
         if self.pattern:
             try:
                 resolve_pattern(self.pattern, self.audio_dir, Segment("x", 0.0, 10.0, ()))
@@ -124,7 +152,7 @@ def make_plan(opts: BuildOptions, labels: LabelSet, order: Sequence[Segment],
         "feature_config": opts.feature_config.to_dict(),
         "encoding": LogmelEncoding(opts.encoding).to_dict(),
         "labels": labels.to_dict(),
-        "segment_files": [str(p) for p in opts.segments],
+        "segment_files": opts.input_files(),
         # Rows left out while reading the CSVs (duplicates, unknown mids): part of the report.
         "dropped_rows": [d.to_dict() for d in dropped],
     }

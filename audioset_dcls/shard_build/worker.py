@@ -39,7 +39,8 @@ class ClipTask:
     labels: tuple[int, ...]
     ytid: str
     start: float
-    end: float
+    end: float | None
+    cut: bool = False  # start/end are times in the file: keep [start, end) (end None: to its end)
 
 
 @dataclass
@@ -74,6 +75,12 @@ def process_clip(task: ClipTask, cfg: FeatureConfig, encoding: LogmelEncoding = 
     path = Path(task.path)
     try:
         mono, sr = features.decode_mono(path)
+        if task.cut:
+            length = mono.shape[0] / sr
+            mono = mono[int(round(task.start * sr)): None if task.end is None else int(round(task.end * sr))]
+            if mono.size == 0:
+                return ClipResult("empty", task.path, f"{path}: no audio from {task.start:g} s on (the file is "
+                                                      f"{length:.2f} s long)")
         wave = features.resample(mono, sr, cfg.sample_rate)
         if not wave.any():
             return ClipResult("silent", task.path, f"{path}: every sample is zero")
@@ -85,7 +92,8 @@ def process_clip(task: ClipTask, cfg: FeatureConfig, encoding: LogmelEncoding = 
         text = " ".join(str(err).split()) or type(err).__name__
         return ClipResult("unreadable", task.path, f"{path}: {type(err).__name__}: {text}")
     values = encoded.values.double().view(-1)
-    meta = {"ytid": task.ytid, "start": task.start, "end": task.end, "source": str(path),
+    end = task.end if task.end is not None else round(task.start + mono.shape[0] / sr, 6)
+    meta = {"ytid": task.ytid, "start": task.start, "end": end, "source": str(path),
             "duration": round(duration, 6)}
     return ClipResult(
         "ok", task.path, sample=encode_sample(task.key, encoded, task.labels, meta),

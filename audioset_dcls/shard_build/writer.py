@@ -96,7 +96,7 @@ def write_shard(out: Path, split: str, index: int, segs: Sequence[Segment],
     keys, skips = [], []
     total = total_sq = 0.0
     n_values = clipped = 0
-    durations = []
+    durations, num_labels = [], []
     try:
         for seg in segs:
             res = next(results)
@@ -104,6 +104,7 @@ def write_shard(out: Path, split: str, index: int, segs: Sequence[Segment],
                 writer.write(res.sample)
                 keys.append(seg.key)
                 durations.append(res.duration)
+                num_labels.append(len(seg.labels))
                 total += res.value_sum
                 total_sq += res.value_sum_sq
                 n_values += res.num_values
@@ -127,6 +128,8 @@ def write_shard(out: Path, split: str, index: int, segs: Sequence[Segment],
         "name": name, "index": index, "count": len(keys), "bytes": size, "sha256": sha,
         "keys": keys, "sum": total, "sum_sq": total_sq, "num_values": n_values, "clipped": clipped,
         "skipped": skips,
+        # fewest and most labels of a written clip: a set with one label per clip is single-label
+        "labels_per_clip": [min(num_labels), max(num_labels)] if num_labels else None,
         "durations": {"sum": float(d.sum()), "min": float(d.min()) if d.size else None,
                       "max": float(d.max()) if d.size else None,
                       "short": int((d < cfg.clip_seconds - tol).sum()),
