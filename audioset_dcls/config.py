@@ -70,6 +70,10 @@ class ModelConfig:
     # has res-scale instead and ignores it).
     layer_scale_init_value: Optional[float] = None
     kwargs: dict = field(default_factory=dict)  # anything else for models.create_model
+    # start from these weights: an inference checkpoint, a training checkpoint or run directory, or a
+    # published name (convnext_tiny_dcls); every tensor whose name and shape fit, the head re-initialised
+    init: str = ""
+    freeze_backbone: bool = False  # train the classifier only (a linear probe); needs model.init
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,8 @@ class Config:
             (0 <= self.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)"),
             (self.eval.every_epochs > 0, "eval.every_epochs", "must be > 0"),
             (self.train.checkpoint_every_steps > 0, "train.checkpoint_every_steps", "must be > 0"),
+            (self.model.init or not self.model.freeze_backbone, "model.freeze_backbone",
+             "needs model.init (a probe of randomly initialised features learns nothing useful)"),
             (self.data.verify_shards in ("size", "sha256", "none"), "data.verify_shards", "must be size, sha256 or none"),
         ]
         for ok, key, why in checks:

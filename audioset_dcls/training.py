@@ -71,6 +71,7 @@ from .data import (
     resolve_normalization,
     train_batches_per_rank,
 )
+from .finetune import InitReport, freeze_backbone, init_from_checkpoint, set_train_mode, write_report
 from .evaluate import append_jsonl, evaluate, format_result, summarize, write_per_class_csv
 from .features import Normalization
 from .files import write_text
@@ -263,6 +264,7 @@ class TrainState:
     corrupt: dict[int, int] = field(default_factory=dict)  # loader worker -> its count of skipped samples
     final_eval: dict[str, Any] | None = None  # summary of the latest evaluation (main process)
     signals: StopSignals = field(default_factory=lambda: StopSignals(()))  # this rank's stop-signal flag
+    init: InitReport | None = None  # what model.init loaded (fresh fine-tunes; None otherwise)
     stopped_by: str = ""  # the signal all ranks agreed to stop on ("SIGTERM"), "" while running
 
     def __post_init__(self) -> None:
@@ -327,6 +329,10 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     start_run_dir(accelerator, cfg)
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg, train_set.num_classes)
+    # model.init: a fresh run starts from those weights; a resumed one has its own in the checkpoint.
+    init = load_init_weights(accelerator, cfg, model, train_set) if cfg.model.init and resume_from is None else None
+    if cfg.model.freeze_backbone:
+        freeze_backbone(model)
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     optimizer = build_optimizer(model, cfg)
     samples_per_epoch = cfg.data.samples_per_epoch or train_set.num_samples
@@ -340,6 +346,7 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     pad_value = norm.apply(torch.tensor(10.0 * math.log10(train_set.features.amin))).item()
     state = TrainState(cfg, accelerator, train_set, eval_set, norm, model, optimizer, scheduler, ema, accum,
                        per_rank_batches, total_steps, warmup_steps, pad_value)
+    state.init = init
     if signals is not None:
         state.signals = signals
     if ema is not None:
@@ -350,8 +357,50 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     resume_training(state, resume_from)
     state.bar = tqdm(total=total_steps, initial=state.progress.step, dynamic_ncols=True, desc="train",
                      disable=not (accelerator.is_main_process and cfg.train.progress_bar))
-    state.model.train()
+    train_mode(state)
     return state
+
+
+def load_init_weights(accelerator: Accelerator, cfg: Config, model: nn.Module, train_set: ShardSet) -> InitReport:
+    """Load ``cfg.model.init`` into ``model`` (every rank; a published name is fetched by the main
+    process first), log what was loaded and re-initialised and write it to ``init.json``."""
+    path = resolve_init(cfg.model.init, accelerator)
+    report = init_from_checkpoint(model, cfg.model.init, path, [lab["name"] for lab in train_set.labels])
+    if accelerator.is_main_process:
+        write_report(Path(cfg.train.output_dir) / "init.json", report)
+    log.info(report.summary() + f"; every tensor by name: {Path(cfg.train.output_dir) / 'init.json'}")
+    return report
+
+
+def resolve_init(name_or_path: str, accelerator: Accelerator) -> Path:
+    """The file or directory ``model.init`` names; a published model name is fetched (once, by
+    the main process, while the others wait) and read from the cache. CheckpointError on every
+    rank when it cannot be had."""
+    from .pretrained import PUBLISHED_MODELS, resolve_checkpoint
+
+    path = Path(name_or_path)
+    if path.exists() or name_or_path not in PUBLISHED_MODELS:
+        if not path.exists():
+            raise CheckpointError(f"model.init={name_or_path}: no such file or directory, and not a published "
+                                  f"model ({', '.join(PUBLISHED_MODELS)})")
+        return path
+    outcome: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            resolve_checkpoint(name_or_path, progress=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            outcome = [f"model.init={name_or_path}: {err}"]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome, from_process=0)
+    if outcome[0] is not None:
+        raise CheckpointError(outcome[0])
+    return resolve_checkpoint(name_or_path, progress=False)
+
+
+def train_mode(state: TrainState) -> None:
+    """The model in training mode; with model.freeze_backbone, only its classifier."""
+    state.model.train()
+    set_train_mode(state.accelerator.unwrap_model(state.model), state.cfg.model.freeze_backbone)
 
 
 def open_data(cfg: Config) -> tuple[ShardSet, ShardSet | None, Normalization]:
@@ -488,6 +537,7 @@ def train_one_epoch(state: TrainState) -> bool:
     """Train on what is left of the current epoch. True when the epoch is complete, False when
     training stopped inside it (train.max_steps)."""
     cfg, p = state.cfg, state.progress
+    train_mode(state)  # evaluation put the model in eval mode and back
     loader, _ = build_train_loader(state.train_set, cfg.data, state.norm, epoch=p.epoch, seed=cfg.train.seed,
                                    rank=state.accelerator.process_index, world_size=state.accelerator.num_processes,
                                    accum=state.accum, skip_batches=p.batches_in_epoch)
@@ -723,7 +773,10 @@ def export_model(state: TrainState) -> Path:
         extra={"config": config_to_dict(cfg), "eval": state.final_eval,
                "train": {"steps": p.step, "epochs": p.epoch, "samples_seen": p.samples_seen,
                          "train_clips": t.num_samples, "processes": state.accelerator.num_processes,
-                         "ema": state.ema is not None}},
+                         "ema": state.ema is not None},
+               "init": None if state.init is None else {
+                   "source": state.init.source, "path": state.init.path, "loaded": len(state.init.loaded),
+                   "reinitialised": state.init.reinitialised}},
     )
     path = save_inference_checkpoint(state.out_dir / "model.safetensors", state.eval_model.state_dict(), info)
     log.info(f"inference checkpoint: {path}")

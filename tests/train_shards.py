@@ -85,3 +85,23 @@ NUM_TRAIN, NUM_EVAL = 128, 48
 def session_shards(tmp_path_factory, clip_seconds: float) -> tuple[Path, Path]:
     """The session's mini AudioSet shards (one audio set; one shard set per clip length)."""
     return build_shards(tmp_path_factory.getbasetemp() / "mini_audioset", NUM_TRAIN, NUM_EVAL, clip_seconds)
+
+
+def own_shards(tmp_path_factory, clip_seconds: float = 2.0) -> tuple[Path, Path]:
+    """(train, eval) shards of the session's own-label set (audioset_dcls.synthetic's
+    make_own_dataset, five single-label classes of their own names): fold 1 trains, fold 2
+    evaluates with the train class list. Built once per session."""
+    root = tmp_path_factory.getbasetemp() / "own_data"
+    train_dir, eval_dir = root / f"shards_{clip_seconds:g}s" / "train", root / f"shards_{clip_seconds:g}s" / "eval"
+    if (root / f"shards_{clip_seconds:g}s" / "DONE").is_file():
+        return train_dir, eval_dir
+    from audioset_dcls.shard_build import BuildOptions, build_shards as run_builder
+    from audioset_dcls.synthetic import make_own_dataset
+
+    ds = make_own_dataset(root / "audio", per_class=12, folds=2, seconds=3.0)
+    features = FeatureConfig(clip_seconds=clip_seconds)
+    for split, out, fold, classes in (("train", train_dir, ds.folds[0], None), ("eval", eval_dir, ds.folds[1], train_dir)):
+        run_builder(BuildOptions(lists=(fold,), classes=classes, out=out, split=split, workers=0, shard_size=16,
+                                 progress=False, feature_config=features))
+    (root / f"shards_{clip_seconds:g}s" / "DONE").write_text("ok")
+    return train_dir, eval_dir
