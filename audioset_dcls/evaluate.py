@@ -174,13 +174,16 @@ def write_per_class_csv(path: str | Path, result: dict[str, Any], labels: tuple[
     return Path(path)
 
 
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: str | Path, record: dict[str, Any], replace: str | None = None) -> None:
     """Append one JSON line to ``path`` (created with its folder if missing). The file is
     rewritten atomically (it holds one line per evaluation): a full disk leaves it as it was,
-    never with half a line."""
+    never with half a line. ``replace``: a key; earlier lines with the same value for it are
+    dropped (a resumed run that evaluates the same step again leaves one line for it)."""
     path = Path(path)
-    old = path.read_text() if path.is_file() else ""
-    write_text(path, old + json.dumps(record) + "\n")
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if replace is not None:
+        lines = [line for line in lines if json.loads(line).get(replace) != record[replace]]
+    write_text(path, "".join(line + "\n" for line in lines) + json.dumps(record) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

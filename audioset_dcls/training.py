@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
@@ -172,6 +173,7 @@ class TrainProgress:
     step: int = 0  # optimizer steps done
     batches_in_epoch: int = 0  # micro-batches of ``epoch`` this rank has trained on
     samples_seen: int = 0  # clips over all processes
+    processes: int = 0  # the run's process count (checked on resume: it shapes the data stream)
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -352,6 +354,7 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    state.progress.processes = world
     accelerator.register_for_checkpointing(state.progress)
     log_plan(state)
     resume_training(state, resume_from)
@@ -459,11 +462,7 @@ def log_plan(state: TrainState) -> None:
 
 
 def _flat_hparams(cfg: Config) -> dict[str, Any]:
-    out = {}
-    for section, d in config_to_dict(cfg).items():
-        for k, v in d.items():
-            out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(config_to_dict(cfg)).items()}
 
 
 def _model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -528,6 +527,34 @@ def resume_training(state: TrainState, path: Path | None) -> None:
         raise CheckpointError(f"{path}: cannot resume from this checkpoint: {reason}") from err
     p = state.progress
     log.info(f"resumed from {path}: epoch {p.epoch}, step {p.step}, {p.batches_in_epoch} batches into the epoch")
+    changed = changed_settings(path / "config.yaml", state.cfg)
+    if p.processes != state.accelerator.num_processes:
+        changed.append(f"processes {p.processes} -> {state.accelerator.num_processes}")
+        p.processes = state.accelerator.num_processes
+    if changed:
+        log.warning(f"resuming with settings that differ from the checkpoint's: {'; '.join(changed)}; the run does not "
+                    "continue exactly as it would have")
+
+
+# Settings a resumed run may change without changing what it computes: where it writes, how it
+# reports, when it stops or checkpoints, and how the evaluation is batched.
+_RESUME_FREE = ("train.resume", "train.output_dir", "train.max_steps", "train.log_every_steps", "train.tracker",
+                "train.progress_bar", "train.checkpoint_every_steps", "train.keep_checkpoints",
+                "train.checkpoint_on_signal", "data.verify_shards", "eval.batch_size", "eval.num_workers")
+
+
+def changed_settings(saved_yaml: Path, cfg: Config) -> list[str]:
+    """``key old -> new`` for every setting of ``cfg`` that differs from the config saved with a
+    checkpoint, except those in ``_RESUME_FREE``. Nothing when the checkpoint has no config."""
+    if not saved_yaml.is_file():
+        return []
+    saved = _flat(yaml.safe_load(saved_yaml.read_text()) or {})
+    now = _flat(config_to_dict(cfg))
+    return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in _RESUME_FREE and saved.get(k) != v]
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, values in d.items() for k, v in (values or {}).items()}
 
 
 # ---------------------------------------------------------------------------------- epoch
@@ -661,7 +688,7 @@ def evaluate_epoch(state: TrainState) -> None:
 
     def write_results() -> None:
         write_per_class_csv(csv_path, result, state.eval_set.labels)
-        append_jsonl(eval_dir / "results.jsonl", {"epoch": p.epoch, "step": p.step, **summarize(result)})
+        append_jsonl(eval_dir / "results.jsonl", {"epoch": p.epoch, "step": p.step, **summarize(result)}, replace="step")
 
     write_everywhere(state, write_results if acc.is_main_process else None, f"eval results in {eval_dir}")
     if not acc.is_main_process:

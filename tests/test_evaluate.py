@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from audioset_dcls.checkpoint import CheckpointInfo, save_inference_checkpoint
-from audioset_dcls.evaluate import ClipScores, main, segment_coverage
+from audioset_dcls.evaluate import ClipScores, append_jsonl, main, segment_coverage
 from audioset_dcls.features import FeatureConfig
 from audioset_dcls.labels import read_segments
 from audioset_dcls.metrics import tagging_metrics
@@ -141,3 +141,13 @@ def test_inputs_it_cannot_evaluate_give_one_line(shards, checkpoint, tmp_path, c
     assert f"{first.name} has 100 bytes" in line and "python -m preprocessing.build_shards" in line
     line = error("--checkpoint", str(checkpoint), "--shards", str(shards), "--output", str(first / "results.json"))
     assert line.startswith("error: [Errno") and str(first) in line  # an output that cannot be written (a full disk alike)
+
+
+def test_results_lines_of_a_step_evaluated_again_are_replaced(tmp_path):
+    """A run killed between an evaluation and its checkpoint evaluates that step again on resume."""
+    path = tmp_path / "eval" / "results.jsonl"
+    for step, m in ((4, 0.1), (8, 0.2), (8, 0.25)):
+        append_jsonl(path, {"epoch": step // 4 - 1, "step": step, "mAP": m}, replace="step")
+    append_jsonl(path, {"step": 8, "mAP": 0.3})  # without replace: a plain append
+    assert [(r["step"], r["mAP"]) for r in map(json.loads, path.read_text().splitlines())] == [
+        (4, 0.1), (8, 0.25), (8, 0.3)]

@@ -171,6 +171,7 @@ def test_resume_after_interrupt_is_bitwise_exact(runs):
     full_log, part1_log, part2_log = runs["logs"]
     assert summary(root / "resumed")["step"] == 12
     assert f"resumed from {root / 'resumed' / 'checkpoints' / f'step_{STOP_AT:08d}'}: epoch 1, step {STOP_AT}" in part2_log
+    assert "differ from the checkpoint's" not in part2_log  # only train.max_steps and train.resume changed
     a = load_file(str(root / "full" / "model.safetensors"))
     b = load_file(str(root / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -454,3 +455,14 @@ def test_ema_averages_shared_dcls_positions_once_per_step():
     for n, p in ema.module.named_parameters():
         expected = before[n] * 0.9 + dict(model.named_parameters())[n].detach() * 0.1
         assert torch.allclose(p, expected, atol=1e-6), n
+
+
+def test_resume_names_the_settings_that_changed(tmp_path):
+    from audioset_dcls.config import load_config, to_yaml
+    from audioset_dcls.training import changed_settings
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(load_config(None, ["data.num_workers=4", "train.max_steps=10"])))
+    now = load_config(None, ["data.num_workers=2", "train.max_steps=20", "train.resume=auto", "optim.lr=0.001"])
+    assert changed_settings(saved, now) == ["data.num_workers 4 -> 2", "optim.lr 0.004 -> 0.001"]
+    assert changed_settings(tmp_path / "missing.yaml", now) == []
