@@ -268,7 +268,7 @@ class TagFailure:
     ok = False
 
     def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return {"path": self.source, "error": self.reason}
+        return {"path": self.source, "error": self.reason, "kind": self.kind}
 
 
 @dataclass

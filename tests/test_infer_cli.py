@@ -72,7 +72,7 @@ def test_folder_with_corrupt_file_jsonl(capsys, checkpoint, folder):
     assert paths == sorted(paths)
     bad = [r for r in records if "error" in r]
     assert [r["path"] for r in bad] == [str(folder / "broken.flac")]
-    assert set(bad[0]) == {"path", "error"}
+    assert set(bad[0]) == {"path", "error", "kind"} and bad[0]["kind"] == "unreadable"
     for r in records:
         if "error" not in r:
             assert set(r) == {"path", "duration", "num_windows", "aggregate", "tags"}
