@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--segments", nargs="+", type=Path, metavar="CSV",
                    help="segment CSV(s), e.g. balanced_train_segments.csv unbalanced_train_segments.csv")
-    p.add_argument("--labels", type=Path, metavar="CSV", help="class_labels_indices.csv")
+    p.add_argument("--labels", type=Path, metavar="CSV",
+                   help="class_labels_indices.csv (default: AudioSet's 527 classes, shipped with the package)")
     p.add_argument("--audio-dir", type=Path, metavar="DIR", help="folder of audio files (searched recursively)")
     p.add_argument("--list", dest="lists", nargs="+", type=Path, metavar="CSV",
                    help="your own labelled audio: CSV(s) with a header path,labels[,start,end]; labels separated "
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{manifest['num_skipped']} clip(s) left out (see {args.out / SKIPPED_NAME}); "
                   f"manifest: {args.out / MANIFEST_NAME}")
             return 0
-        needed = ("segments", "labels", "audio_dir", "split") if not (args.lists or args.class_folders) else ("split",)
+        needed = ("segments", "audio_dir", "split") if not (args.lists or args.class_folders) else ("split",)
         missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
         if missing:
             parser.error(f"missing {', '.join(missing)} (needed unless --merge)")

@@ -450,3 +450,17 @@ assert default > 1000 and tuned < 50, (default, tuned)
         pytest.skip("glibc malloc settings are Linux-only")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_audioset_segments_default_to_the_bundled_class_list(dataset, tmp_path, capsys):
+    """Without --labels, AudioSet segments get AudioSet's 527 classes that ship with the package."""
+    out = tmp_path / "bundled"
+    argv = ["--segments", str(dataset["segments"][0]), "--audio-dir", str(dataset["audio"]), "--out", str(out),
+            "--split", "eval", "--workers", "0", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = read_manifest(out)
+    names = manifest["labels"]["names"]
+    assert len(names) == 527 and names[0] == "Speech" and manifest["labels"]["mids"][137] == "/m/04rlf"
+    by_ytid = {s.meta["ytid"]: s for _, s in _read_all(out).values()}
+    assert [names[i] for i in by_ytid["bbbbbbbbbbb"].labels] == ["Music"]
+    assert sorted(names[i] for i in by_ytid["-aaaaaaaaaa"].labels) == ["Male speech, man speaking", "Speech"]

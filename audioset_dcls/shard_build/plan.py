@@ -44,7 +44,8 @@ class BuildError(RuntimeError):
 class BuildOptions:
     """Everything one build run needs. ``part`` is ``(i, N)``; ``workers=0`` runs in-process.
 
-    The inputs are one of: AudioSet ``segments`` + ``labels`` + ``audio_dir``; ``lists`` (CSVs of
+    The inputs are one of: AudioSet ``segments`` + ``audio_dir`` (+ ``labels``, a
+    ``class_labels_indices.csv``; default: the one that ships with the package); ``lists`` (CSVs of
     ``path,labels[,start,end]``); ``class_folders`` (one sub-folder per class). ``classes`` fixes
     the class list of the last two (see ``sources``)."""
 
@@ -85,8 +86,8 @@ class BuildOptions:
         if len(kinds) != 1:
             raise BuildError(f"give one kind of input: --segments (AudioSet), --list or --class-folders, "
                              f"not {' and '.join(kinds) or 'none'}")
-        if self.segments and (self.labels is None or self.audio_dir is None):
-            raise BuildError("--segments needs --labels (class_labels_indices.csv) and --audio-dir")
+        if self.segments and self.audio_dir is None:
+            raise BuildError("--segments needs --audio-dir (the folder of downloaded clips)")
         if self.classes is not None and self.segments:
             raise BuildError("--classes is for --list and --class-folders; AudioSet's classes come from --labels")
         if not _SPLIT_RE.fullmatch(self.split):

@@ -41,6 +41,7 @@ from ..labels import (
     LabelError,
     LabelSet,
     Segment,
+    audioset_label_set,
     drop_duplicates,
     index_audio_dir,
     read_label_set,
@@ -75,7 +76,7 @@ def read_clips(opts: BuildOptions) -> ClipList:
         classes = read_class_names(opts.classes) if opts.classes else None
         rows = read_clip_lists(opts.lists) if opts.lists else read_class_folders(opts.class_folders)
         return label_clips(rows, classes, opts.unknown_mids, inputs=opts.inputs)
-    labels = read_label_set(opts.labels)
+    labels = read_label_set(opts.labels) if opts.labels is not None else audioset_label_set()
     segs = read_segment_files(opts.segments, labels, unknown_mids=opts.unknown_mids)
     if len(segs) == 0:
         raise BuildError(f"no segments in {', '.join(map(str, opts.segments))}")
