@@ -9,6 +9,7 @@ fine-tuned); the JSON description sits in the safetensors header under the key
      "features": FeatureConfig.to_dict(),
      "normalization": {"mean": -18.2696, "std": 30.5735},
      "labels": [{"index": 0, "mid": "/m/09x0r", "name": "Speech"}, ...],
+     "task": "multilabel",   # or "singlelabel": scores are softmax probabilities (absent: multilabel)
      "extra": {... anything else: training config, eval results ...}}
 
 Loading never unpickles: safetensors holds tensors only.
@@ -28,9 +29,10 @@ from .features import FeatureConfig, Normalization
 from .files import atomic_path
 
 FORMAT = "audioset_dcls.inference/1"
+TASKS = ("multilabel", "singlelabel")
 METADATA_KEY = "audioset_dcls"
 
-__all__ = ["CheckpointError", "CheckpointInfo", "save_inference_checkpoint", "read_checkpoint_info", "load_checkpoint",
+__all__ = ["TASKS", "probabilities", "CheckpointError", "CheckpointInfo", "save_inference_checkpoint", "read_checkpoint_info", "load_checkpoint",
            "load_model"]
 
 
@@ -50,6 +52,7 @@ class CheckpointInfo:
     labels: list[dict[str, Any]] = field(default_factory=list)  # [{"index", "mid", "name"}]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    task: str = "multilabel"  # "singlelabel": one class per clip, scores are softmax probabilities
 
     @property
     def label_names(self) -> list[str]:
@@ -62,6 +65,7 @@ class CheckpointInfo:
             "features": self.features.to_dict(),
             "normalization": self.normalization.to_dict(),
             "labels": self.labels,
+            "task": self.task,
             "extra": self.extra,
         }
 
@@ -77,10 +81,21 @@ class CheckpointInfo:
             normalization=Normalization.from_dict(d["normalization"]),
             labels=list(d.get("labels", [])),
             extra=dict(d.get("extra", {})),
+            task=d.get("task", "multilabel"),
         )
+        if info.task not in TASKS:
+            raise CheckpointError(f"{source}: unknown task {info.task!r} (multilabel or singlelabel)")
         if info.labels and len(info.labels) != info.num_classes:
             raise CheckpointError(f"{source}: {len(info.labels)} label names for {info.num_classes} classes")
         return info
+
+
+def probabilities(logits: torch.Tensor, task: str = "multilabel") -> torch.Tensor:
+    """(B, C) logits -> float32 scores as a checkpoint of ``task`` means them: sigmoid per class
+    (multilabel), or softmax over the classes (singlelabel: each row sums to 1)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    return torch.softmax(logits.float(), dim=-1) if task == "singlelabel" else torch.sigmoid(logits.float())
 
 
 def save_inference_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], info: CheckpointInfo) -> Path:

@@ -92,6 +92,7 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = 60
     warmup_epochs: float = 20.0
+    warmup_steps: int = 0  # > 0: warm up over this many optimizer steps instead (short fine-tunes)
     warmup_lr: float = 0.0  # lr at step 0, rising linearly to optim.lr
     min_lr: float = 1e-6  # cosine floor
 
@@ -126,6 +127,9 @@ class TrainConfig:
     progress_bar: bool = True
     # finish the step, checkpoint and exit 75 on these (comma-separated; "none": die as usual)
     checkpoint_on_signal: str = "SIGTERM,SIGUSR1"
+    # "multilabel" (sigmoid + binary cross-entropy, AudioSet), "singlelabel" (softmax + cross-entropy,
+    # accuracy), or "auto": singlelabel when every training clip has exactly one label
+    task: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class Config:
             (self.optim.batch_size > 0, "optim.batch_size", "must be > 0"),
             (self.schedule.epochs > 0, "schedule.epochs", "must be > 0"),
             (0 <= self.schedule.warmup_epochs <= self.schedule.epochs, "schedule.warmup_epochs", "must be in [0, epochs]"),
+            (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0"),
             (0 <= self.augment.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)"),
             (0 <= self.augment.time_stretch_min <= self.augment.time_stretch_max, "augment.time_stretch_min",
              "must be >= 0 and <= time_stretch_max"),
@@ -165,6 +170,8 @@ class Config:
             (self.train.checkpoint_every_steps > 0, "train.checkpoint_every_steps", "must be > 0"),
             (self.model.init or not self.model.freeze_backbone, "model.freeze_backbone",
              "needs model.init (a probe of randomly initialised features learns nothing useful)"),
+            (self.train.task in ("auto", "multilabel", "singlelabel"), "train.task",
+             "must be auto, multilabel or singlelabel"),
             (self.data.verify_shards in ("size", "sha256", "none"), "data.verify_shards", "must be size, sha256 or none"),
         ]
         for ok, key, why in checks:

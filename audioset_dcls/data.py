@@ -309,6 +309,24 @@ def count_labels(shards: ShardSet) -> np.ndarray:
     return counts
 
 
+def labels_per_clip(shards: ShardSet) -> tuple[int, int]:
+    """(fewest, most) labels of a clip in the set: the manifest's ``labels_per_clip``, or, for
+    sets built before the builder recorded it, counted from the JSON members (as count_labels)."""
+    import tarfile
+
+    recorded = shards.manifest.get("labels_per_clip")
+    if recorded:
+        return int(recorded["min"]), int(recorded["max"])
+    lo, hi = None, 0
+    for url in shards.urls:
+        with tarfile.open(url, "r") as tar:
+            for member in tar:
+                if member.name.endswith("." + META_EXT):
+                    n = len(json.load(tar.extractfile(member))["labels"])
+                    lo, hi = n if lo is None else min(lo, n), max(hi, n)
+    return lo or 0, hi
+
+
 def build_train_loader(
     shards: ShardSet, cfg: DataConfig, norm: Normalization, *, epoch: int, seed: int, rank: int, world_size: int,
     accum: int, skip_batches: int = 0,

@@ -48,10 +48,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import probabilities
 from .data import ShardSet, build_eval_loader, move_batch
 from .features import Normalization
 from .files import atomic_open, write_json, write_text
-from .metrics import tagging_metrics
+from .metrics import classification_metrics, tagging_metrics
 from .shards import hash_ids
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "compute_metrics",
     "evaluate",
     "SUMMARY_KEYS",
+    "SINGLE_LABEL_KEYS",
     "summarize",
     "format_result",
     "write_per_class_csv",
@@ -73,6 +75,8 @@ __all__ = [
 # What a results line, a checkpoint's "eval" entry and the training summary keep of a result.
 SUMMARY_KEYS = ("mAP", "mAUC", "d_prime", "num_clips", "clip_ids_sha256", "num_classes_scored", "corrupt",
                 "manifest_clips")
+# ... and of a single-label (train.task=singlelabel) result, besides those.
+SINGLE_LABEL_KEYS = ("accuracy", "top5")
 
 
 @dataclass
@@ -80,20 +84,21 @@ class ClipScores:
     """Every evaluated clip's scores, gathered from all processes (in rank order)."""
 
     keys: list[str]  # N clip keys (``<ytid>_<start_ms>``)
-    scores: np.ndarray  # (N, C) float32 sigmoid probabilities
+    scores: np.ndarray  # (N, C) float32 probabilities: sigmoid (multilabel) or softmax (singlelabel)
     targets: np.ndarray  # (N, C) uint8 multi-hot ground truth
     corrupt: int  # samples skipped as unreadable, over all ranks and loader workers
 
 
 @torch.no_grad()
 def predict_clips(model: nn.Module, shards: ShardSet, norm: Normalization, *, batch_size: int, num_workers: int,
-                  accelerator) -> ClipScores | None:
+                  accelerator, task: str = "multilabel") -> ClipScores | None:
     """Score this rank's share of ``shards`` and gather every rank's on the main process.
 
     ``model`` maps (B, 1, n_mels, T) log-mels to (B, C) logits; pass the unwrapped module (no
     DDP: ranks may run different numbers of batches). It runs under ``accelerator.autocast()``
-    and is put back in its previous train/eval mode. Returns ClipScores on the main process and
-    None on the others; every rank must call it (it gathers).
+    and is put back in its previous train/eval mode. Scores are sigmoid probabilities, or softmax
+    ones for ``task="singlelabel"``. Returns ClipScores on the main process and None on the
+    others; every rank must call it (it gathers).
     """
     from accelerate.utils import gather_object
 
@@ -108,7 +113,7 @@ def predict_clips(model: nn.Module, shards: ShardSet, norm: Normalization, *, ba
         x, y = move_batch(batch, accelerator.device)
         with accelerator.autocast():
             logits = model(x)
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+        scores.append(probabilities(logits, task).cpu().numpy())
         targets.append(y.cpu().numpy().astype(np.uint8))
         keys.extend(batch["keys"])
         corrupt[batch["worker"]] = batch["corrupt"]
@@ -126,51 +131,60 @@ def predict_clips(model: nn.Module, shards: ShardSet, norm: Normalization, *, ba
     return merged
 
 
-def compute_metrics(clips: ClipScores) -> dict[str, Any]:
+def compute_metrics(clips: ClipScores, task: str = "multilabel") -> dict[str, Any]:
     """``metrics.tagging_metrics`` of the clips plus ``num_clips``, ``clip_ids_sha256`` (order-
-    independent, comparable with a shard manifest's) and ``corrupt``."""
+    independent, comparable with a shard manifest's) and ``corrupt``; single-label: also
+    ``metrics.classification_metrics`` (``accuracy``, ``top5``, ``per_class_accuracy``)."""
     result = tagging_metrics(clips.targets, clips.scores)
+    if task == "singlelabel":
+        result.update(classification_metrics(clips.targets, clips.scores))
     result.update(num_clips=len(clips.keys), clip_ids_sha256=hash_ids(clips.keys), corrupt=clips.corrupt)
     return result
 
 
 def evaluate(model: nn.Module, shards: ShardSet, norm: Normalization, *, batch_size: int, num_workers: int,
-             accelerator) -> dict[str, Any] | None:
+             accelerator, task: str = "multilabel") -> dict[str, Any] | None:
     """Score every clip of ``shards`` exactly once over all ranks; metrics on the main process.
 
     Arguments as :func:`predict_clips`. Returns (main process; None elsewhere) ``{"mAP", "mAUC",
     "d_prime", "num_clips", "clip_ids_sha256", "num_classes_scored", "corrupt", "manifest_clips",
-    "per_class_ap" (C,), "per_class_auc" (C,), "positives" (C,)}``.
+    "per_class_ap" (C,), "per_class_auc" (C,), "positives" (C,)}``; with ``task="singlelabel"``
+    also ``"accuracy"``, ``"top5"`` and ``"per_class_accuracy"`` (C,).
     """
     clips = predict_clips(model, shards, norm, batch_size=batch_size, num_workers=num_workers,
-                          accelerator=accelerator)
+                          accelerator=accelerator, task=task)
     if clips is None:
         return None
-    result = compute_metrics(clips)
+    result = compute_metrics(clips, task)
     result["manifest_clips"] = shards.num_samples  # differs from num_clips when clips were corrupt
     return result
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """The scalar part of an :func:`evaluate` result (``SUMMARY_KEYS``), JSON-ready."""
-    return {k: result[k] for k in SUMMARY_KEYS}
+    """The scalar part of an :func:`evaluate` result (``SUMMARY_KEYS``, and ``SINGLE_LABEL_KEYS``
+    when it has them), JSON-ready."""
+    return {k: result[k] for k in SUMMARY_KEYS + SINGLE_LABEL_KEYS if k in result}
 
 
 def format_result(result: dict[str, Any]) -> str:
     """One log line's worth: ``mAP 0.4512 AUC 0.9712 d' 2.681 on 17000 clips (ids sha256 ..., 0 corrupt skipped)``."""
-    return (f"mAP {result['mAP']:.4f} AUC {result['mAUC']:.4f} d' {result['d_prime']:.3f} on {result['num_clips']} "
+    accuracy = (f"accuracy {result['accuracy']:.4f} top-5 {result['top5']:.4f} " if "accuracy" in result else "")
+    return (f"{accuracy}mAP {result['mAP']:.4f} AUC {result['mAUC']:.4f} d' {result['d_prime']:.3f} on {result['num_clips']} "
             f"clips (ids sha256 {result['clip_ids_sha256'][:12]}, {result['corrupt']} corrupt skipped)")
 
 
 def write_per_class_csv(path: str | Path, result: dict[str, Any], labels: tuple[dict, ...] | list[dict]) -> Path:
     """Per-class table ``index, mid, name, ap, auc, positives`` (one row per label record
-    ``{"index", "mid", "name"}``; AP/AUC ``nan`` for classes without positives), written atomically."""
+    ``{"index", "mid", "name"}``; AP/AUC ``nan`` for classes without positives), and ``accuracy``
+    (of the class's clips) for a single-label result; written atomically."""
+    single = "per_class_accuracy" in result
     with atomic_open(path, newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "mid", "name", "ap", "auc", "positives"])
+        w.writerow(["index", "mid", "name", "ap", "auc", "positives"] + (["accuracy"] if single else []))
         for i, lab in enumerate(labels):
             w.writerow([i, lab["mid"], lab["name"], f"{result['per_class_ap'][i]:.6f}",
-                        f"{result['per_class_auc'][i]:.6f}", int(result["positives"][i])])
+                        f"{result['per_class_auc'][i]:.6f}", int(result["positives"][i])]
+                       + ([f"{result['per_class_accuracy'][i]:.6f}"] if single else []))
     return Path(path)
 
 
@@ -329,10 +343,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
               f"{'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision}, "
               f"batch {args.batch_size}", file=sys.stderr)
     clips = predict_clips(model, shards, info.normalization, batch_size=args.batch_size, num_workers=args.workers,
-                          accelerator=accelerator)
+                          accelerator=accelerator, task=info.task)
     if clips is None:
         return None
-    result = compute_metrics(clips)
+    result = compute_metrics(clips, info.task)
     result["manifest_clips"] = shards.num_samples
     out = {**summarize(result), "checkpoint": str(path), "model": info.model_name, "shards": str(shards.root),
            "processes": accelerator.num_processes,

@@ -6,7 +6,7 @@ By default the checkpoint's normalisation ``(x - mean) / std`` is part of the gr
 is the log-mel in dB exactly as ``features.compute_logmel`` returns it (one 10 s window: (128,
 1001)); ``--no-normalization`` leaves it out (the input is then the normalised log-mel). The
 front end (decode, resample, STFT) stays in Python: it is ``features.py``. Scores are
-``sigmoid(logits)``.
+``sigmoid(logits)``, or ``softmax(logits)`` when the description's ``task`` is ``singlelabel``.
 
 The checkpoint's description (model, features, normalisation, labels) and whether the
 normalisation is included are stored in the ONNX model's ``metadata_props``

@@ -1,5 +1,6 @@
 """Multi-label tagging metrics as pure NumPy functions: per-class AP and ROC-AUC, mAP, d', and
-per-class operating thresholds (the score cut-off that maximises each class's F1).
+per-class operating thresholds (the score cut-off that maximises each class's F1); for
+single-label sets, top-1 and top-5 accuracy (:func:`classification_metrics`).
 
 They compute what the reference computes with sklearn (``average_precision_score`` and
 ``roc_auc_score`` per class on sigmoid scores, ``d' = sqrt(2) * Phi^-1(mean AUC)``), without
@@ -113,6 +114,36 @@ def tagging_metrics(targets: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
         "per_class_auc": auc,
         "positives": targets.astype(bool).sum(axis=0),
     }
+
+
+def classification_metrics(targets: np.ndarray, scores: np.ndarray, k: int = 5) -> dict[str, Any]:
+    """Single-label numbers: each clip's true class is its one positive.
+
+    Args:
+        targets: (N, C) one-hot ground truth.
+        scores: (N, C) scores (softmax probabilities or logits: only the order counts).
+        k: the ``top5`` cut-off (at most C).
+
+    Returns:
+        ``{"accuracy" (top-1), "top5" (the true class among the k best), "per_class_accuracy"
+        (C,): the top-1 accuracy of each class's clips (NaN without clips)}``. Ties count as
+        misses unless the true class comes first in index order (``np.argsort`` is stable).
+    """
+    targets = np.asarray(targets)
+    scores = np.asarray(scores)
+    if targets.shape != scores.shape or targets.ndim != 2:
+        raise ValueError(f"targets {targets.shape} and scores {scores.shape} must both be (N, C)")
+    if (targets.astype(bool).sum(axis=1) != 1).any():
+        raise ValueError("single-label metrics need exactly one positive per clip")
+    truth = targets.argmax(axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    top1 = order[:, 0] == truth
+    topk = (order[:, : min(k, scores.shape[1])] == truth[:, None]).any(axis=1)
+    per_class = np.array([top1[truth == c].mean() if (truth == c).any() else np.nan
+                          for c in range(scores.shape[1])])
+    return {"accuracy": float(top1.mean()) if len(truth) else float("nan"),
+            "top5": float(topk.mean()) if len(truth) else float("nan"),
+            "per_class_accuracy": per_class}
 
 
 def max_f1_threshold(targets: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointInfo, load_model
+from .checkpoint import CheckpointInfo, load_model, probabilities
 from .features import (
     AudioDecodeError,
     FeatureConfig,
@@ -200,8 +200,11 @@ class TagResult:
         duration: seconds of audio (before any padding).
         starts, ends: (W,) window start/end times in seconds (``end`` is capped at ``duration``
             for a padded short clip).
-        window_scores: (W, C) sigmoid scores per window ("tags over time").
+        window_scores: (W, C) sigmoid scores per window ("tags over time"); softmax for a
+            single-label checkpoint (``info.task``).
         scores: (C,) clip-level scores: ``aggregate`` ("max" or "mean") over the windows.
+            (A single-label checkpoint's window scores are softmax probabilities: they sum to 1,
+            and so do its clip scores with the "mean" aggregate, its default.)
         window_embeddings: (W, D) pooled features per window, or None.
         embedding: (D,) mean of the window embeddings, or None.
         warning: one line when the tags deserve little trust (a file shorter than one analysis
@@ -371,10 +374,12 @@ class Tagger:
         device: str | torch.device = "cpu",
         batch_size: int = 8,
         hop_seconds: float | None = None,
-        aggregate: str = "max",
+        aggregate: str | None = None,
         block_seconds: float = 30.0,
         precision: str = "fp32",
     ):
+        if aggregate is None:  # a clip's softmax scores stay a distribution only when averaged
+            aggregate = "mean" if info.task == "singlelabel" else "max"
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         if batch_size < 1:
@@ -401,7 +406,7 @@ class Tagger:
         device: str | torch.device = "auto",
         batch_size: int = 8,
         hop_seconds: float | None = None,
-        aggregate: str = "max",
+        aggregate: str | None = None,
         threads: int | None = None,
         bake: bool = True,
         precision: str = "auto",
@@ -438,7 +443,8 @@ class Tagger:
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Waveform windows (B, clip_samples) at the model rate -> (scores (B, C), embeddings (B, D) or None).
 
-        Log-mel and normalisation run on the tagger's device; scores are sigmoid probabilities;
+        Log-mel and normalisation run on the tagger's device; scores are sigmoid probabilities
+        (softmax for a single-label checkpoint: ``info.task``);
         embeddings are the pooled pre-logit features (``forward_head(pre_logits=True)``).
         """
         x = self.logmel(waves.to(self.device, non_blocking=True))  # (B, n_mels, T), float32
@@ -452,7 +458,7 @@ class Tagger:
             else:
                 emb = None
                 logits = self.model(x)
-        return torch.sigmoid(logits.float()), emb
+        return probabilities(logits, self.info.task), emb
 
     def windows_logmel(self, waves: torch.Tensor) -> torch.Tensor:
         """The un-normalised log-mel the model sees: (B, clip_samples) -> (B, n_mels, num_frames)."""

@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only tags with score >= this (applied after --top-k)")
     p.add_argument("--hop", type=float, default=None,
                    help="seconds between 10 s windows of long files (default: 10, no overlap)")
-    p.add_argument("--aggregate", choices=("max", "mean"), default="max",
-                   help="clip score from window scores (default: max)")
+    p.add_argument("--aggregate", choices=("max", "mean"), default=None,
+                   help="clip score from window scores (default: max; mean for a single-label checkpoint, "
+                        "whose softmax scores then sum to 1)")
     p.add_argument("--per-window", action="store_true", help="also output the tags of every window (tags over time)")
     p.add_argument("--embeddings", type=Path, metavar="FILE.npy",
                    help="save the pooled embeddings (files x D, float32) of the tagged files; their "
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint) if args.checkpoint is not None else args.model or DEFAULT_MODEL,
         "model": tagger.info.model_name,
         "num_classes": tagger.info.num_classes,
+        "task": tagger.info.task,
         "hop_seconds": tagger.hop_seconds,
         "window_seconds": tagger.features.clip_seconds,
         "aggregate": tagger.aggregate,

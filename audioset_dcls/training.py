@@ -68,6 +68,7 @@ from .data import (
     build_train_loader,
     derive_seed,
     move_batch,
+    labels_per_clip,
     open_shard_set,
     resolve_normalization,
     train_batches_per_rank,
@@ -203,10 +204,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy of (B, C) logits against (B, C) soft multi-hot targets, in fp32
-    whatever the autocast dtype. Returns a scalar."""
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, task: str = "multilabel") -> torch.Tensor:
+    """Mean binary cross-entropy of (B, C) logits against (B, C) soft multi-hot targets, or, for
+    ``task="singlelabel"``, softmax cross-entropy against (B, C) soft one-hot targets (label
+    smoothing and mixup keep each row a distribution); in fp32 whatever the autocast dtype.
+    Returns a scalar."""
+    if task == "singlelabel":
+        return F.cross_entropy(logits.float(), targets)
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+def resolve_task(task: str, train_set: ShardSet) -> str:
+    """``train.task`` -> "multilabel" or "singlelabel" ("auto": singlelabel when every training
+    clip has exactly one label). ConfigError for singlelabel on clips with several labels."""
+    if task == "multilabel":
+        return task
+    fewest, most = labels_per_clip(train_set)
+    if task == "auto":
+        return "singlelabel" if fewest == most == 1 else "multilabel"
+    if most > 1:
+        raise ConfigError(f"train.task=singlelabel, but {train_set.root} has clips with up to {most} labels; "
+                          "use train.task=multilabel (or auto)")
+    return task
 
 
 # ------------------------------------------------------------------------------ run state
@@ -267,6 +286,7 @@ class TrainState:
     final_eval: dict[str, Any] | None = None  # summary of the latest evaluation (main process)
     signals: StopSignals = field(default_factory=lambda: StopSignals(()))  # this rank's stop-signal flag
     init: InitReport | None = None  # what model.init loaded (fresh fine-tunes; None otherwise)
+    task: str = "multilabel"  # train.task resolved: "multilabel" or "singlelabel"
     stopped_by: str = ""  # the signal all ranks agreed to stop on ("SIGTERM"), "" while running
 
     def __post_init__(self) -> None:
@@ -324,6 +344,7 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     Bad data or a bad resume request fail before any process group or model is built.
     ``signals``: this rank's stop-signal flag (installed by :func:`train`)."""
     train_set, eval_set, norm = open_data(cfg)
+    task = resolve_task(cfg.train.task, train_set)
     resume_from = find_resume_checkpoint(cfg)
     accelerator = create_accelerator(cfg)
     world = accelerator.num_processes
@@ -342,13 +363,13 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
                                               accum)
     steps_per_epoch = per_rank_batches // accum
     total_steps = cfg.schedule.epochs * steps_per_epoch
-    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(cfg.schedule.warmup_steps, total_steps) or round(cfg.schedule.warmup_epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg, total_steps, warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     pad_value = norm.apply(torch.tensor(10.0 * math.log10(train_set.features.amin))).item()
     state = TrainState(cfg, accelerator, train_set, eval_set, norm, model, optimizer, scheduler, ema, accum,
                        per_rank_batches, total_steps, warmup_steps, pad_value)
-    state.init = init
+    state.init, state.task = init, task
     if signals is not None:
         state.signals = signals
     if ema is not None:
@@ -452,7 +473,9 @@ def log_plan(state: TrainState) -> None:
     """Two lines: what is trained on what, and how the batch and schedule come out."""
     cfg, t, e = state.cfg, state.train_set, state.eval_set
     n_params = sum(p.numel() for p in state.accelerator.unwrap_model(state.model).parameters())
-    log.info(f"model {cfg.model.name}: {n_params:,} parameters, {t.num_classes} classes; "
+    n_trained = sum(p.numel() for p in state.accelerator.unwrap_model(state.model).parameters() if p.requires_grad)
+    trained = f" ({n_trained:,} trained: model.freeze_backbone)" if n_trained < n_params else ""
+    log.info(f"model {cfg.model.name}: {n_params:,} parameters{trained}, {t.num_classes} classes, {state.task}; "
              f"train {t.num_samples} clips in {len(t.urls)} shards"
              + (f", eval {e.num_samples} clips" if e else ", no eval set"))
     log.info(f"{state.accelerator.num_processes} process(es) x batch {cfg.data.batch_size} x accumulation "
@@ -598,7 +621,7 @@ def train_micro_step(state: TrainState, batch: dict) -> bool:
     x, y = augment_batch(x, y, cfg.augment, gen, pad_value=state.pad_value)
     # Only the last micro-step of an optimizer step all-reduces gradients.
     with acc.no_sync(state.model) if not last_micro else contextlib.nullcontext():
-        loss = compute_loss(state.model(x), y)
+        loss = compute_loss(state.model(x), y, state.task)
         acc.backward(loss / state.accum)
     state.meter.add(loss)
     p.batches_in_epoch += 1
@@ -682,7 +705,7 @@ def evaluate_epoch(state: TrainState) -> None:
     ``eval/per_class_ap_epochNNN.csv``, appends to ``eval/results.jsonl``, logs and tracks."""
     cfg, acc, p = state.cfg, state.accelerator, state.progress
     result = evaluate(state.eval_model, state.eval_set, state.norm, batch_size=cfg.eval.batch_size,
-                      num_workers=cfg.eval.num_workers, accelerator=acc)
+                      num_workers=cfg.eval.num_workers, accelerator=acc, task=state.task)
     eval_dir = state.out_dir / "eval"
     csv_path = eval_dir / f"per_class_ap_epoch{p.epoch:03d}.csv"
 
@@ -694,7 +717,8 @@ def evaluate_epoch(state: TrainState) -> None:
     if not acc.is_main_process:
         return
     state.final_eval = summarize(result)
-    acc.log({"eval/mAP": result["mAP"], "eval/mAUC": result["mAUC"], "eval/d_prime": result["d_prime"]}, step=p.step)
+    acc.log({f"eval/{k}": result[k] for k in ("mAP", "mAUC", "d_prime", "accuracy", "top5") if k in result},
+            step=p.step)
     log.info(f"eval epoch {p.epoch}: {format_result(result)}; per-class AP: {csv_path}")
 
 
@@ -796,7 +820,7 @@ def export_model(state: TrainState) -> Path:
     info = CheckpointInfo(
         model_name=cfg.model.name, num_classes=t.num_classes, features=t.features, normalization=state.norm,
         labels=[dict(lab) for lab in t.labels],
-        model_kwargs={k: v for k, v in _model_kwargs(cfg).items() if k != "pretrained_path"},
+        model_kwargs={k: v for k, v in _model_kwargs(cfg).items() if k != "pretrained_path"}, task=state.task,
         extra={"config": config_to_dict(cfg), "eval": state.final_eval,
                "train": {"steps": p.step, "epochs": p.epoch, "samples_seen": p.samples_seen,
                          "train_clips": t.num_samples, "processes": state.accelerator.num_processes,
@@ -831,7 +855,7 @@ def finish_training(state: TrainState) -> dict[str, Any]:
     summary = {"step": p.step, "epoch": p.epoch, "samples_seen": p.samples_seen, "loss_first": state.meter.first,
                "loss_last": state.meter.last, "eval": state.final_eval,
                "checkpoint": str(checkpoint) if checkpoint else None, "finished": finished,
-               "stopped_by": "" if finished else state.stopped_by, "processes": acc.num_processes,
+               "stopped_by": "" if finished else state.stopped_by, "processes": acc.num_processes, "task": state.task,
                "param_checksums": gather_object([checksum])}
     summary_path = state.out_dir / "summary.json"
     write_everywhere(state, (lambda: write_text(summary_path, json.dumps(summary, indent=1) + "\n")) if main else None,

@@ -4,7 +4,9 @@ training with accuracy, the tagger on the fine-tuned checkpoint, and a 2-process
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,70 @@ def test_linear_probe_trains_only_the_head(source, tmp_path_factory, tmp_path, f
     head0 = torch.load(out / "checkpoints" / "step_00000002" / "pytorch_model.bin", weights_only=True)
     assert head0["head.fc.weight"].shape == (5, src["head.fc.weight"].shape[1]) and init["reinitialised"] == sorted(HEAD)
     assert read_manifest(own_shards(tmp_path_factory)[0])["labels_per_clip"] == {"min": 1, "max": 1}
+
+
+def test_single_label_loss_is_cross_entropy_on_soft_targets_and_auto_task(tmp_path_factory):
+    from audioset_dcls.data import open_shard_set
+    from audioset_dcls.training import compute_loss, resolve_task
+
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.eye(5)[[0, 3, 1, 1]] * 0.9 + 0.1 / 5  # label smoothing keeps rows distributions
+    manual = -(y * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert torch.allclose(compute_loss(logits, y, "singlelabel"), manual)
+    assert not torch.allclose(compute_loss(logits, y, "multilabel"), manual)
+    own, _ = own_shards(tmp_path_factory)
+    audioset, _ = session_shards(tmp_path_factory, 2.0)
+    assert resolve_task("auto", open_shard_set(own, "own")) == "singlelabel"
+    assert resolve_task("auto", open_shard_set(audioset, "audioset")) == "multilabel"
+    with pytest.raises(ConfigError, match="train.task=singlelabel, but .* clips with up to 3 labels"):
+        resolve_task("singlelabel", open_shard_set(audioset, "audioset"))
+
+
+# ------------------------------------------------ a 2-process fine-tune with the fine-tuning recipe
+
+@pytest.fixture(scope="module")
+def finetuned(source, tmp_path_factory) -> tuple[Path, str]:
+    """configs/finetune.yaml, scaled down: convnext_atto from the source run, on the own-label
+    shards (five single-label classes), 2 processes (torchrun, gloo), 3 epochs."""
+    train_dir, eval_dir = own_shards(tmp_path_factory)
+    out = tmp_path_factory.mktemp("finetuned")
+    log = check(run_train("torchrun", [
+        "--config", "configs/finetune.yaml", "model.name=convnext_atto", f"model.init={source / 'model.safetensors'}",
+        f"data.train={train_dir}", f"data.eval={eval_dir}", f"train.output_dir={out}", "schedule.epochs=3",
+        "schedule.warmup_steps=2", "data.batch_size=8", "optim.batch_size=16", "data.num_workers=1",
+        "eval.num_workers=1", "train.progress_bar=false", "train.tracker=none", "train.log_every_steps=1"]))
+    return out, log
+
+
+def test_two_process_fine_tune_is_single_label_with_accuracy(finetuned):
+    out, log = finetuned
+    s = json.loads((out / "summary.json").read_text())
+    assert s["finished"] and s["processes"] == 2 and s["task"] == "singlelabel"
+    assert len(set(s["param_checksums"])) == 1  # the replicas stayed in sync
+    assert "loaded" in log and "re-initialised the classifier (head.fc.bias, head.fc.weight)" in log
+    assert "5 classes, singlelabel" in log and re.search(r"eval epoch 2: accuracy [01]\.\d{4} top-5 [01]\.\d{4}", log)
+    results = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 3 and all(0 <= r["accuracy"] <= r["top5"] <= 1 for r in results)
+    assert results[-1]["top5"] == 1.0  # five classes: the true one is always among the best five
+    with open(out / "eval" / "per_class_ap_epoch002.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["alarm", "clicks", "hum", "siren", "whistle"] and "accuracy" in rows[0]
+    info = read_checkpoint_info(out / "model.safetensors")
+    assert info.task == "singlelabel" and info.label_names == [r["name"] for r in rows]
+    assert info.extra["eval"] == {k: v for k, v in results[-1].items() if k not in ("epoch", "step")} and info.extra["init"]["reinitialised"] == sorted(HEAD)
+
+
+def test_the_tagger_says_the_new_label_names_with_softmax_scores(finetuned, tmp_path_factory, capsys):
+    from audioset_dcls.tagging_cli import main as tag_main
+
+    out, _ = finetuned
+    clip = tmp_path_factory.getbasetemp() / "own_data" / "audio" / "clips" / "siren" / "001.flac"
+    assert tag_main(["--checkpoint", str(out / "model.safetensors"), str(clip), "--format", "json", "--top-k", "0",
+                     "-q"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["task"] == "singlelabel" and doc["aggregate"] == "mean"
+    (result,) = doc["results"]
+    tags = result["tags"]
+    assert sorted(t["name"] for t in tags) == ["alarm", "clicks", "hum", "siren", "whistle"]
+    assert sum(t["score"] for t in tags) == pytest.approx(1.0, abs=1e-5)  # softmax: a distribution
+    assert [t["score"] for t in tags] == sorted((t["score"] for t in tags), reverse=True)  # top class first

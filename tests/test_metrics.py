@@ -102,3 +102,24 @@ def test_calibrated_thresholds_fall_back_for_rare_classes():
     assert cal["precision"][0] == pytest.approx(pred[:60].sum() / pred.sum())
     assert cal["recall"][0] == pytest.approx(pred[:60].mean())
     assert math.isnan(cal["recall"][2]) and math.isnan(cal["f1"][2])  # no positive: no recall
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_single_label_accuracy_matches_sklearn(seed):
+    from sklearn.metrics import accuracy_score, top_k_accuracy_score
+
+    from audioset_dcls.metrics import classification_metrics
+
+    rng = np.random.default_rng(seed)
+    n, c = 200, 9
+    truth = rng.integers(0, c, size=n)
+    truth[:c] = np.arange(c)  # every class has clips
+    targets = np.eye(c, dtype=np.uint8)[truth]
+    scores = rng.random((n, c)) + 0.4 * targets  # informative but imperfect, no ties
+    m = classification_metrics(targets, scores)
+    assert m["accuracy"] == pytest.approx(accuracy_score(truth, scores.argmax(1)), abs=1e-12)
+    assert m["top5"] == pytest.approx(top_k_accuracy_score(truth, scores, k=5, labels=range(c)), abs=1e-12)
+    for k in range(c):
+        assert m["per_class_accuracy"][k] == pytest.approx((scores.argmax(1) == k)[truth == k].mean())
+    with pytest.raises(ValueError, match="exactly one positive"):
+        classification_metrics(np.ones((2, 3)), np.zeros((2, 3)))
