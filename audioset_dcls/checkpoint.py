@@ -10,7 +10,12 @@ fine-tuned); the JSON description sits in the safetensors header under the key
      "normalization": {"mean": -18.2696, "std": 30.5735},
      "labels": [{"index": 0, "mid": "/m/09x0r", "name": "Speech"}, ...],
      "task": "multilabel",   # or "singlelabel": scores are softmax probabilities (absent: multilabel)
+     "thresholds": {"values": [0.31, ...], ...},    # optional: calibrated per-class thresholds
      "extra": {... anything else: training config, eval results ...}}
+
+``thresholds`` (present once a training run's final evaluation or ``evaluate --calibrate`` has
+calibrated them) holds one operating threshold per class and where they come from
+(``evaluate.thresholds_record``); ``infer.py --threshold auto`` uses them.
 
 Loading never unpickles: safetensors holds tensors only.
 """
@@ -33,7 +38,7 @@ TASKS = ("multilabel", "singlelabel")
 METADATA_KEY = "audioset_dcls"
 
 __all__ = ["TASKS", "probabilities", "CheckpointError", "CheckpointInfo", "save_inference_checkpoint", "read_checkpoint_info", "load_checkpoint",
-           "load_model"]
+           "load_model", "store_thresholds"]
 
 
 class CheckpointError(ValueError):
@@ -53,13 +58,19 @@ class CheckpointInfo:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     task: str = "multilabel"  # "singlelabel": one class per clip, scores are softmax probabilities
+    thresholds: dict[str, Any] | None = None  # {"values": [C floats], ...}: calibrated per class
 
     @property
     def label_names(self) -> list[str]:
         return [lab["name"] for lab in self.labels]
 
+    @property
+    def class_thresholds(self) -> list[float] | None:
+        """The calibrated per-class thresholds (C values), or None when there are none."""
+        return None if self.thresholds is None else [float(v) for v in self.thresholds["values"]]
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT,
             "model": {"name": self.model_name, "num_classes": self.num_classes, "kwargs": self.model_kwargs},
             "features": self.features.to_dict(),
@@ -68,6 +79,9 @@ class CheckpointInfo:
             "task": self.task,
             "extra": self.extra,
         }
+        if self.thresholds is not None:
+            d["thresholds"] = self.thresholds
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> "CheckpointInfo":
@@ -82,11 +96,15 @@ class CheckpointInfo:
             labels=list(d.get("labels", [])),
             extra=dict(d.get("extra", {})),
             task=d.get("task", "multilabel"),
+            thresholds=d.get("thresholds"),
         )
         if info.task not in TASKS:
             raise CheckpointError(f"{source}: unknown task {info.task!r} (multilabel or singlelabel)")
         if info.labels and len(info.labels) != info.num_classes:
             raise CheckpointError(f"{source}: {len(info.labels)} label names for {info.num_classes} classes")
+        if info.thresholds is not None and len(info.thresholds.get("values", ())) != info.num_classes:
+            raise CheckpointError(f"{source}: {len(info.thresholds.get('values', ()))} calibrated thresholds for "
+                                  f"{info.num_classes} classes")
         return info
 
 
@@ -165,3 +183,13 @@ def load_model(
     if bake:
         model = to_inference(model)
     return model.to(device), info
+
+
+def store_thresholds(path: str | Path, thresholds: dict[str, Any]) -> Path:
+    """Rewrite the checkpoint at ``path`` with ``thresholds`` (``{"values": [C floats], ...}``)
+    in its description; weights and everything else unchanged. Atomic: a reader sees the old file
+    or the new one."""
+    state_dict, info = load_checkpoint(path)
+    info.thresholds = thresholds
+    CheckpointInfo.from_dict(info.to_dict(), source=str(path))  # the values fit the classes
+    return save_inference_checkpoint(path, state_dict, info)

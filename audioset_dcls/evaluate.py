@@ -12,6 +12,10 @@ same numbers for the same weights and shards.
 - :func:`evaluate`: both.
 - :func:`summarize`, :func:`format_result`, :func:`write_per_class_csv`, :func:`append_jsonl`:
   the summary kept in results files and checkpoints, its log line, the per-class table.
+- :func:`thresholds_record`: the per-class operating thresholds calibrated on the clips
+  (``metrics.calibrate_thresholds``, max F1) as an inference checkpoint stores them; the training
+  run's exported checkpoint gets those of its final evaluation, ``--calibrate`` writes them into
+  the evaluated checkpoint.
 
 Functions here take a model, a :class:`~audioset_dcls.data.ShardSet`, the normalisation and the
 loader settings, and an ``accelerate.Accelerator`` (rank, world size, device, autocast, gather):
@@ -23,6 +27,7 @@ shard folder, with these same functions::
     python -m audioset_dcls.evaluate --checkpoint FILE_OR_PUBLISHED_NAME --shards EVAL_DIR
         [--per-class per_class.csv] [--output results.json] [--segments eval_segments.csv]
         [--batch-size 64] [--workers 2] [--precision auto|fp32|bf16|fp16] [--offline]
+        [--calibrate [--min-positives 5]]
     accelerate launch --multi_gpu --num_processes 8 -m audioset_dcls.evaluate ...
 
 Every clip is scored once over all processes; bf16 autocast on GPUs by default. The checkpoint's
@@ -52,7 +57,7 @@ from .checkpoint import probabilities
 from .data import ShardSet, build_eval_loader, move_batch
 from .features import Normalization
 from .files import atomic_open, write_json, write_text
-from .metrics import classification_metrics, tagging_metrics
+from .metrics import MIN_POSITIVES, calibrate_thresholds, classification_metrics, tagging_metrics
 from .shards import hash_ids
 
 __all__ = [
@@ -65,6 +70,7 @@ __all__ = [
     "summarize",
     "format_result",
     "write_per_class_csv",
+    "thresholds_record",
     "append_jsonl",
     "EvaluationError",
     "check_compatible",
@@ -131,14 +137,16 @@ def predict_clips(model: nn.Module, shards: ShardSet, norm: Normalization, *, ba
     return merged
 
 
-def compute_metrics(clips: ClipScores, task: str = "multilabel") -> dict[str, Any]:
+def compute_metrics(clips: ClipScores, task: str = "multilabel", min_positives: int = MIN_POSITIVES) -> dict[str, Any]:
     """``metrics.tagging_metrics`` of the clips plus ``num_clips``, ``clip_ids_sha256`` (order-
-    independent, comparable with a shard manifest's) and ``corrupt``; single-label: also
+    independent, comparable with a shard manifest's), ``corrupt`` and ``calibration`` (the
+    per-class max-F1 thresholds, ``metrics.calibrate_thresholds``); single-label: also
     ``metrics.classification_metrics`` (``accuracy``, ``top5``, ``per_class_accuracy``)."""
     result = tagging_metrics(clips.targets, clips.scores)
     if task == "singlelabel":
         result.update(classification_metrics(clips.targets, clips.scores))
-    result.update(num_clips=len(clips.keys), clip_ids_sha256=hash_ids(clips.keys), corrupt=clips.corrupt)
+    result.update(num_clips=len(clips.keys), clip_ids_sha256=hash_ids(clips.keys), corrupt=clips.corrupt,
+                  calibration=calibrate_thresholds(clips.targets, clips.scores, min_positives))
     return result
 
 
@@ -174,18 +182,35 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def write_per_class_csv(path: str | Path, result: dict[str, Any], labels: tuple[dict, ...] | list[dict]) -> Path:
-    """Per-class table ``index, mid, name, ap, auc, positives`` (one row per label record
-    ``{"index", "mid", "name"}``; AP/AUC ``nan`` for classes without positives), and ``accuracy``
-    (of the class's clips) for a single-label result; written atomically."""
+    """Per-class table ``index, mid, name, ap, auc, positives``, ``accuracy`` (of the class's
+    clips) for a single-label result, then ``threshold, precision, recall, f1`` (one row per label
+    record ``{"index", "mid", "name"}``; AP/AUC ``nan`` for classes without positives; the
+    calibrated threshold, and precision/recall/F1 of ``score >= threshold`` on these clips, ``nan``
+    where undefined), written atomically."""
     single = "per_class_accuracy" in result
+    cal = result["calibration"]
     with atomic_open(path, newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "mid", "name", "ap", "auc", "positives"] + (["accuracy"] if single else []))
+        w.writerow(["index", "mid", "name", "ap", "auc", "positives"] + (["accuracy"] if single else [])
+                   + ["threshold", "precision", "recall", "f1"])
         for i, lab in enumerate(labels):
             w.writerow([i, lab["mid"], lab["name"], f"{result['per_class_ap'][i]:.6f}",
                         f"{result['per_class_auc'][i]:.6f}", int(result["positives"][i])]
-                       + ([f"{result['per_class_accuracy'][i]:.6f}"] if single else []))
+                       + ([f"{result['per_class_accuracy'][i]:.6f}"] if single else [])
+                       + [f"{cal[k][i]:.6f}" for k in ("thresholds", "precision", "recall", "f1")])
     return Path(path)
+
+
+def thresholds_record(result: dict[str, Any]) -> dict[str, Any]:
+    """The calibration of an :func:`evaluate` result as a checkpoint stores it
+    (``CheckpointInfo.thresholds``): ``{"method": "max_f1", "values" (C floats), "global",
+    "min_positives", "fallback" (indices of the classes given the global value), "num_clips",
+    "clip_ids_sha256"}``."""
+    cal = result["calibration"]
+    return {"method": "max_f1", "values": [round(float(v), 6) for v in cal["thresholds"]],
+            "global": round(cal["global_threshold"], 6), "min_positives": cal["min_positives"],
+            "fallback": [int(i) for i in np.flatnonzero(cal["fallback"])], "num_clips": result["num_clips"],
+            "clip_ids_sha256": result["clip_ids_sha256"]}
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any], replace: str | None = None) -> None:
@@ -305,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="model arithmetic (autocast): auto = bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--offline", action="store_true", help="never download a published model (the cache only)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store per-class operating thresholds (max F1 on these clips) in the checkpoint, for "
+                        "infer.py --threshold auto (a published model: its cached copy)")
+    p.add_argument("--min-positives", type=int, default=MIN_POSITIVES, metavar="N",
+                   help=f"classes with fewer positive clips get the global threshold (default: {MIN_POSITIVES})")
     return p
 
 
@@ -316,8 +346,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from .checkpoint import load_model, read_checkpoint_info
     from .data import open_shard_set
 
-    if args.batch_size < 1 or args.workers < 0:
-        raise EvaluationError("--batch-size must be >= 1 and --workers >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.min_positives < 1:
+        raise EvaluationError("--batch-size and --min-positives must be >= 1 and --workers >= 0")
     shards = open_shard_set(args.shards, "--shards")  # a missing folder fails before any process group
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # as in training: without CUDA, accelerate runs a multi-process launch as independent
@@ -346,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                           accelerator=accelerator, task=info.task)
     if clips is None:
         return None
-    result = compute_metrics(clips, info.task)
+    result = compute_metrics(clips, info.task, args.min_positives)
     result["manifest_clips"] = shards.num_samples
     out = {**summarize(result), "checkpoint": str(path), "model": info.model_name, "shards": str(shards.root),
            "processes": accelerator.num_processes,
@@ -355,6 +385,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         out["segments"] = {"file": str(args.segments), **segment_coverage(clips, segment_keys)}
     if args.per_class is not None:
         write_per_class_csv(args.per_class, result, shards.labels)
+    if args.calibrate:
+        from .checkpoint import store_thresholds
+
+        record = thresholds_record(result)
+        store_thresholds(path, record)
+        out["calibrated"] = {"classes": len(record["values"]), "fallback": len(record["fallback"]),
+                             "global": record["global"]}
     if args.output is not None:
         write_json(args.output, out)
     return out
@@ -382,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segments {seg['file']}: {seg['held']} of {seg['listed']} listed segments evaluated "
               f"({seg['missing']} missing, {seg['not_listed']} evaluated clips not listed); on those: "
               f"mAP {seg['mAP']:.4f} AUC {seg['mAUC']:.4f} d' {seg['d_prime']:.3f}")
+    cal = out.get("calibrated")
+    if cal is not None:
+        print(f"thresholds: {cal['classes']} classes calibrated (max F1; {cal['fallback']} with fewer than "
+              f"{args.min_positives} positives get the global {cal['global']:.3f}) and stored in {out['checkpoint']}")
     for what, path in (("per-class AP", args.per_class), ("results", args.output)):
         if path is not None:
             print(f"{what}: {path}")

@@ -8,14 +8,16 @@ The tagger scores windows of the training clip length (10 s) every ``hop`` secon
   score that wavers around the threshold does not chop one sound into many);
 * a run of windows below that lower threshold that lasts at most ``min_gap`` seconds
   (counted in window steps: ``number of windows x hop``) does not end the event;
-* the event's **onset** is the end of the last window before it that did not detect the class
-  (the start of the file when there is none), its **offset** the start of the first such window
-  after it (the end of the file when there is none): the stretch of time that only detecting
-  windows cover. (So a sound within one window length of the file's start or end stretches to it:
-  no window there can tell where it starts or stops.) A model that detects a sound once about ``hop`` seconds of it are inside a window
-  puts onsets and offsets within a hop of the truth; a window of 10 s cannot say more;
-* when that stretch is empty (a sound shorter than the windows' overlap), the event is the
-  stretch its first and last detecting windows share;
+* the event's **onset** and **offset** are where the class score crosses half-way between its
+  peak in the event and the lowest score around it (from one window length before the event to
+  its end), going out from the event's first and last windows above half-way; scores are placed
+  at window centres and interpolated between neighbouring windows. A window's
+  score grows with how much of it the sound fills (the models average over time), so the half-way
+  point is the window centred on the sound's edge: a sound at least one window long gets its
+  edges to within about a hop. A shorter sound cannot be placed more finely than the window that
+  hears it: it is widened by up to half a window on each side;
+* an event still above half-way at the first (last) window of the input starts (ends) there;
+  times are clamped to the input;
 * ``peak`` and ``mean`` are the maximum and mean of the class score over the event's windows.
 
 :class:`EventTracker` does this one window at a time (live input: an event is reported as soon as
@@ -26,6 +28,7 @@ label track, ``onset<TAB>offset<TAB>label`` per line, seconds).
 
 from __future__ import annotations
 
+import collections
 import csv
 from dataclasses import dataclass
 from typing import IO, Any, Sequence
@@ -70,17 +73,11 @@ def class_thresholds(threshold: float | Sequence[float] | np.ndarray, num_classe
 class _Open:
     """A class's event in progress."""
 
-    onset: float  # end of the last non-detecting window before it (start of the first window if none)
-    first_end: float  # end of its first window
-    last_start: float = 0.0  # start of its last detecting window
-    offset: float = 0.0  # start of the first non-detecting window after the last detecting one
-    dips: int = 0  # non-detecting windows since the last detecting one
+    trace: list[tuple[float, float, float, int]]  # (start, end, score, window number): from a window length before it
+    first: int  # index in trace of its first window
+    last: int = 0  # index in trace of its last window reaching the lower threshold
+    dips: int = 0  # windows since that one that did not
     high: bool = False  # a window reached the threshold itself (not only the lower one)
-    peak: float = 0.0
-    total: float = 0.0  # sum of scores up to the last detecting window
-    count: int = 0
-    pending_total: float = 0.0  # scores of the dip windows, counted if the event goes on
-    pending_count: int = 0
 
 
 class EventTracker:
@@ -104,7 +101,8 @@ class EventTracker:
         self.hop = float(hop_seconds)
         self.max_dips = int(np.floor(min_gap / self.hop + 1e-9))  # dips of more windows than this end an event
         self.open: dict[int, _Open] = {}
-        self.prev_end: float | None = None
+        self.history: collections.deque[tuple[float, float, np.ndarray]] = collections.deque()
+        self.count = 0  # windows pushed
         self.last_end = 0.0
 
     def push(self, start: float, end: float, scores: np.ndarray) -> list[Event]:
@@ -113,51 +111,67 @@ class EventTracker:
         detect = scores >= self.low
         closed: list[Event] = []
         for c in sorted(set(np.flatnonzero(detect).tolist()) | set(self.open)):
-            s = float(scores[c])
             ev = self.open.get(c)
+            if ev is None:  # a new event: with the windows of one window length before it
+                n0 = self.count - len(self.history)
+                ev = self.open[c] = _Open(trace=[(a, b, float(sc[c]), n0 + k) for k, (a, b, sc) in
+                                                 enumerate(self.history)], first=len(self.history))
+            ev.trace.append((start, end, float(scores[c]), self.count))
             if detect[c]:
-                if ev is None:
-                    onset = start if self.prev_end is None else max(self.prev_end, start)
-                    ev = self.open[c] = _Open(onset=onset, first_end=end)
-                ev.total += ev.pending_total + s
-                ev.count += ev.pending_count + 1
-                ev.pending_total, ev.pending_count, ev.dips = 0.0, 0, 0
-                ev.last_start = start
-                ev.peak = max(ev.peak, s)
-                ev.high |= s >= self.high[c]
-                continue
-            if ev.dips == 0:
-                ev.offset = start
-            ev.dips += 1
-            ev.pending_total += s
-            ev.pending_count += 1
-            if ev.dips > self.max_dips:
-                closed += self._close(c, end)
-        self.prev_end = end
+                ev.last, ev.dips = len(ev.trace) - 1, 0
+                ev.high |= bool(scores[c] >= self.high[c])
+            else:
+                ev.dips += 1
+                if ev.dips > self.max_dips:
+                    closed += self._close(c, at_end=False)
+        self.history.append((start, end, scores))
+        while self.history and self.history[0][1] <= start:  # keep the windows that overlap this one
+            self.history.popleft()
+        self.count += 1
         self.last_end = max(self.last_end, end)
         return closed
 
     def finish(self, duration: float | None = None) -> list[Event]:
         """Close every open event at the end of the audio (``duration`` s; default: the last
         window's end)."""
-        end = self.last_end if duration is None else float(duration)
+        if duration is not None:
+            self.last_end = float(duration)
         closed: list[Event] = []
         for c in sorted(self.open):
-            if self.open[c].dips == 0:
-                self.open[c].offset = end
-            closed += self._close(c, end)
+            closed += self._close(c, at_end=True)
         return closed
 
-    def _close(self, c: int, limit: float) -> list[Event]:
+    def _close(self, c: int, at_end: bool) -> list[Event]:
         ev = self.open.pop(c)
         if not ev.high:  # only ever above the lower threshold: not an event
             return []
-        onset, offset = ev.onset, ev.offset
-        if onset >= offset:  # shorter than the overlap: where its first and last windows meet
-            onset, offset = min(ev.last_start, ev.first_end), max(ev.last_start, ev.first_end)
-        onset, offset = max(0.0, min(onset, limit)), max(0.0, min(offset, limit))
+        run = ev.trace[ev.first : ev.last + 1]
+        run_scores = [sc for _, _, sc, _ in run]
+        peak = max(run_scores)
+        level = (peak + min(sc for _, _, sc, _ in ev.trace)) / 2
+        above = [ev.first + i for i, sc in enumerate(run_scores) if sc >= level]  # the peak at least
+        onset = self._crossing(ev.trace, above[0], level, -1, at_edge=ev.trace[0][3] == 0)
+        offset = self._crossing(ev.trace, above[-1], level, +1, at_edge=at_end)
+        onset, offset = (max(0.0, min(t, self.last_end)) for t in (onset, offset))
         lab = self.labels[c]
-        return [Event(c, str(lab.get("mid", "")), str(lab["name"]), onset, offset, ev.peak, ev.total / ev.count)]
+        return [Event(c, str(lab.get("mid", "")), str(lab["name"]), onset, max(onset, offset), peak,
+                      float(np.mean(run_scores)))]
+
+    @staticmethod
+    def _crossing(trace: list[tuple[float, float, float, int]], k: int, level: float, step: int,
+                  at_edge: bool) -> float:
+        """Walk from window ``k`` (``step`` -1: back, +1: forward) to the first window below ``level``;
+        the time where the score crosses it between window centres. Without one: the input's
+        start/end when the trace reaches it (``at_edge``), else the outermost window's centre."""
+        while 0 <= k + step < len(trace) and trace[k + step][2] >= level:
+            k += step
+        if not 0 <= k + step < len(trace):
+            a, b = trace[k][0], trace[k][1]
+            return (a if step < 0 else b) if at_edge else (a + b) / 2
+        (a0, b0, s_in, _), (a1, b1, s_out, _) = trace[k], trace[k + step]
+        c_in, c_out = (a0 + b0) / 2, (a1 + b1) / 2
+        frac = (s_in - level) / (s_in - s_out) if s_in > s_out else 0.5
+        return c_in + frac * (c_out - c_in)
 
 
 def detect_events(window_scores: np.ndarray, starts: np.ndarray, ends: np.ndarray, duration: float,

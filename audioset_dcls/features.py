@@ -35,6 +35,7 @@ __all__ = [
     "resample",
     "load_audio",
     "stream_audio",
+    "stream_pcm",
     "to_mono_resampled",
     "pad_or_trim",
     "mel_filterbank",
@@ -313,6 +314,40 @@ def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0
                 break
         if total == 0:
             raise AudioDecodeError(path, "empty", "no audio samples")
+
+
+def stream_pcm(stream: Any, rate: int, channels: int, sample_rate: int, block_bytes: int = 1 << 16
+               ) -> Iterator[np.ndarray]:
+    """Raw interleaved signed 16-bit little-endian PCM (``arecord -f S16_LE``, ``ffmpeg -f s16le``)
+    from a binary stream, **as it arrives**, to mono float32 blocks (n,) at ``sample_rate``.
+
+    Each read returns what the stream has (``read1``), so a live source is never waited on for a
+    full block. Samples become floats exactly as soundfile reads 16-bit files (``/ 32768``) and go
+    through the same downmix and streaming soxr HQ resampler as :func:`stream_audio`: the same
+    samples give the same blocks' concatenation as a 16-bit WAV file of them. A partial frame
+    left at the end of input is dropped. Ends at end of input.
+    """
+    if rate < 1 or channels < 1:
+        raise ValueError(f"--rate and --channels must be >= 1, got {rate} and {channels}")
+    read = getattr(stream, "read1", stream.read)
+    frame = 2 * channels
+    resampler = None if rate == sample_rate else soxr.ResampleStream(rate, sample_rate, 1, dtype="float32",
+                                                                     quality="HQ")
+    rest = b""
+    while True:
+        chunk = read(block_bytes)
+        last = not chunk
+        data = rest + chunk
+        usable = len(data) // frame * frame
+        rest = data[usable:]
+        ints = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, channels)
+        mono = downmix(ints.astype(np.float32) * np.float32(1.0 / 32768.0))
+        if resampler is not None:
+            mono = resampler.resample_chunk(mono, last=last)
+        if mono.size:
+            yield np.ascontiguousarray(mono, dtype=np.float32)
+        if last:
+            return
 
 
 def load_audio(path: str | Path, sample_rate: int = 32000) -> np.ndarray:

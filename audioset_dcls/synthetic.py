@@ -132,6 +132,25 @@ def synthesize_clip(classes: list[int], seconds: float, sr: int, rng: np.random.
     return np.clip(x, -1.0, 1.0)
 
 
+def synthesize_events(events: list[tuple[int, float, float]], seconds: float, sr: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Mono float32 (N,): the faint noise floor with each ``(class, onset s, offset s)`` sound
+    where it is listed (20 ms fades), for checking event times against known ones."""
+    n = int(seconds * sr)
+    x = 0.003 * rng.standard_normal(n).astype(np.float32)
+    for c, onset, offset in events:
+        a, b = int(onset * sr), min(n, int(offset * sr))
+        env = np.zeros(n, np.float32)
+        env[a:b] = 1.0
+        fade = min(int(0.02 * sr), (b - a) // 2)
+        if fade > 0:
+            ramp = np.linspace(0, 1, fade, dtype=np.float32)
+            env[a : a + fade] *= ramp
+            env[b - fade : b] *= ramp[::-1]
+        x += 0.25 * _class_signal(c, n, sr, rng) * env
+    return np.clip(x, -1.0, 1.0)
+
+
 def _draw_labels(rng: np.random.Generator, num_classes: int) -> list[int]:
     k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     return sorted(int(c) for c in rng.choice(num_classes, size=k, replace=False))

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointInfo, load_model, probabilities
+from .events import HYSTERESIS, MIN_GAP, Event, detect_events
 from .features import (
     AudioDecodeError,
     FeatureConfig,
@@ -46,6 +47,7 @@ from .features import (
     error_line,
     pad_or_trim,
     stream_audio,
+    stream_pcm,
     to_mono_resampled,
 )
 from .pretrained import DEFAULT_MODEL, fetch_pretrained
@@ -58,6 +60,7 @@ __all__ = [
     "window_starts",
     "SlidingWindows",
     "stream_audio",
+    "stream_pcm",
     "resolve_device",
     "set_cpu_threads",
 ]
@@ -179,15 +182,20 @@ def _labels_or_default(info: CheckpointInfo) -> list[dict[str, Any]]:
     return [{"index": i, "mid": "", "name": f"class_{i}"} for i in range(info.num_classes)]
 
 
+Threshold = float | Sequence[float] | np.ndarray  # one number, or (C,) per class (calibrated)
+
+
 def top_tags(scores: np.ndarray, labels: Sequence[dict[str, Any]], k: int = 10,
-             threshold: float | None = None) -> list[Tag]:
-    """Highest scores first: the ``k`` best (``k <= 0``: all), then those ``>= threshold``."""
+             threshold: Threshold | None = None) -> list[Tag]:
+    """Highest scores first: the ``k`` best (``k <= 0``: all), then those ``>= threshold`` (one
+    number, or (C,) per-class values such as ``CheckpointInfo.class_thresholds``)."""
     order = np.argsort(-scores, kind="stable")
     if k and k > 0:
         order = order[:k]
     tags = [Tag(int(i), labels[i]["mid"], labels[i]["name"], float(scores[i])) for i in order]
     if threshold is not None:
-        tags = [t for t in tags if t.score >= threshold]
+        cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), scores.shape)
+        tags = [t for t in tags if t.score >= cut[t.index]]
     return tags
 
 
@@ -209,6 +217,7 @@ class TagResult:
         embedding: (D,) mean of the window embeddings, or None.
         warning: one line when the tags deserve little trust (a file shorter than one analysis
             window), else None.
+        hop_seconds: the step between windows (for :meth:`events`).
     """
 
     source: str
@@ -222,6 +231,7 @@ class TagResult:
     window_embeddings: np.ndarray | None = None
     embedding: np.ndarray | None = None
     warning: str | None = None
+    hop_seconds: float = 10.0
 
     ok = True
 
@@ -229,16 +239,23 @@ class TagResult:
     def num_windows(self) -> int:
         return int(self.window_scores.shape[0])
 
-    def top(self, k: int = 10, threshold: float | None = None) -> list[Tag]:
+    def top(self, k: int = 10, threshold: Threshold | None = None) -> list[Tag]:
         """Clip-level top tags (see :func:`top_tags`)."""
         return top_tags(self.scores, self.labels, k, threshold)
 
-    def window_top(self, window: int, k: int = 10, threshold: float | None = None) -> list[Tag]:
+    def window_top(self, window: int, k: int = 10, threshold: Threshold | None = None) -> list[Tag]:
         """Top tags of one window."""
         return top_tags(self.window_scores[window], self.labels, k, threshold)
 
-    def to_dict(self, k: int = 10, threshold: float | None = None, per_window: bool = False) -> dict[str, Any]:
-        """JSON-ready summary: path, duration, windows, aggregate, tags (and windows' tags)."""
+    def events(self, threshold: Threshold, *, hysteresis: float = HYSTERESIS, min_gap: float = MIN_GAP) -> list[Event]:
+        """Sound events with onset and offset (``events.detect_events``): per class, runs of windows
+        above ``threshold`` (one number or (C,) per class), sorted by onset."""
+        return detect_events(self.window_scores, self.starts, self.ends, self.duration, threshold, self.labels,
+                             hop_seconds=self.hop_seconds, hysteresis=hysteresis, min_gap=min_gap)
+
+    def to_dict(self, k: int = 10, threshold: Threshold | None = None, per_window: bool = False,
+                events: Sequence[Event] | None = None) -> dict[str, Any]:
+        """JSON-ready summary: path, duration, windows, aggregate, tags (and windows' tags, events)."""
         d: dict[str, Any] = {
             "path": self.source,
             "duration": round(self.duration, 4),
@@ -254,6 +271,8 @@ class TagResult:
                  "tags": [t.to_dict() for t in self.window_top(i, k, threshold)]}
                 for i, (s, e) in enumerate(zip(self.starts, self.ends))
             ]
+        if events is not None:
+            d["events"] = [e.to_dict() for e in events]
         return d
 
 
@@ -481,6 +500,19 @@ class Tagger:
             blocks = _array_blocks(source, int(sample_rate), cfg.sample_rate)
         return SlidingWindows(blocks, cfg.clip_samples, self.hop_samples)
 
+    def tag_live(self, sliding: SlidingWindows) -> Iterator[tuple[float, float, np.ndarray]]:
+        """Score each window of ``sliding`` (``SlidingWindows`` over live blocks, e.g.
+        ``features.stream_pcm``) as soon as its audio has arrived, one at a time: yields
+        ``(start s, end s, scores (C,))``. The windows and scores are those :meth:`tag` gives the
+        same audio; ``sliding.num_samples`` holds the length once the input has ended."""
+        sr = self.features.sample_rate
+        for start, wave in sliding:
+            scores, _ = self.forward_windows(torch.from_numpy(wave)[None])
+            end = start + self.features.clip_samples
+            if sliding.num_samples:  # the input has ended: a short input's window ends with it
+                end = min(end, sliding.num_samples)
+            yield start / sr, end / sr, scores[0].cpu().numpy()
+
     # ---- tagging ---------------------------------------------------------------------------
 
     def tag(self, source: str | Path | np.ndarray | torch.Tensor, sample_rate: int | None = None,
@@ -582,6 +614,7 @@ class Tagger:
             window_embeddings=win_emb,
             embedding=None if win_emb is None else win_emb.mean(0),
             warning=warning,
+            hop_seconds=self.hop_seconds,
         )
 
 
@@ -661,8 +694,10 @@ def _walk_audio(folder: str, exts: set[str]) -> tuple[list[str], list[TagFailure
 
 
 def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str | Path | None = None,
-              features: FeatureConfig | None = None, max_columns: int = 4000) -> Path:
-    """Draw the log-mel spectrogram of ``result.source`` with the top-``k`` tags over time.
+              features: FeatureConfig | None = None, max_columns: int = 4000,
+              events: Sequence[Event] | None = None) -> Path:
+    """Draw the log-mel spectrogram of ``result.source`` with the top-``k`` tags over time, and
+    with ``events`` (``TagResult.events``) one bar per event under it, a row per class.
 
     Needs matplotlib (``pip install matplotlib``). The spectrogram is streamed and
     time-pooled to at most ``max_columns`` columns, so hours of audio stay cheap.
@@ -677,7 +712,11 @@ def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str
     cfg = features or FeatureConfig()
     spec = _streamed_spectrogram(audio_path or result.source, cfg, max_columns)
     tags = result.top(k)
-    fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(12, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    rows = sorted({e.index: e.name for e in events or ()}.items())
+    ratios = [2, 1] + ([max(0.6, 0.25 * len(rows))] if events is not None else [])
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(12, 6 + (1.5 if events is not None else 0)), sharex=True,
+                             gridspec_kw={"height_ratios": ratios}, squeeze=False)
+    ax0, ax1 = axes[0, 0], axes[1, 0]
     ax0.imshow(spec, origin="lower", aspect="auto", cmap="magma", extent=(0, result.duration, 0, cfg.n_mels))
     ax0.set_ylabel("mel bin")
     ax0.set_title(Path(result.source).name)
@@ -689,9 +728,23 @@ def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str
             ax1.bar([t.name], [t.score])
     ax1.set_ylim(0, 1)
     ax1.set_ylabel("score")
-    ax1.set_xlabel("time (s)")
     if result.num_windows > 1:
         ax1.legend(loc="upper right", fontsize="small")
+    if events is not None:
+        ax2 = axes[2, 0]
+        row_of = {index: row for row, (index, _) in enumerate(rows)}
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for e in events:
+            row = row_of[e.index]
+            ax2.broken_barh([(e.onset, max(e.offset - e.onset, 1e-3))], (row - 0.4, 0.8),
+                            facecolors=colours[row % len(colours)], alpha=0.4 + 0.6 * min(1.0, e.peak))
+        ax2.set_yticks(range(len(rows)), [name for _, name in rows], fontsize="small")
+        ax2.set_ylim(-0.6, max(len(rows), 1) - 0.4)
+        ax2.set_xlim(0, result.duration)
+        ax2.set_ylabel("events")
+        if not rows:
+            ax2.text(0.5, 0.5, "no events", transform=ax2.transAxes, ha="center", va="center")
+    axes[-1, 0].set_xlabel("time (s)")
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)

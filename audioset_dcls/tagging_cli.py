@@ -10,6 +10,11 @@ exit status 1: files that cannot be decoded, and what a folder holds but cannot 
 (dangling symbolic links, unreadable files and sub-folders). A file shorter than one analysis
 window is tagged with ``warning: PATH: ...`` (its tags mean little). The progress bar (stderr) shows when there are several inputs and stderr is a
 terminal.
+
+``--threshold auto`` uses the per-class thresholds calibrated into the checkpoint (by a training
+run's final evaluation or ``evaluate --calibrate``). ``--events`` adds sound events (onset, offset,
+label, peak and mean score: ``audioset_dcls/events.py``) from the window scores; ``--format
+audacity`` writes them as an Audacity label track.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from .events import EVENT_CSV_COLUMNS, HYSTERESIS, MIN_GAP, audacity_labels, events_table, write_events_csv
 from .pretrained import DEFAULT_MODEL, PUBLISHED_MODELS
 
-FORMATS = ("table", "json", "jsonl", "csv")
+FORMATS = ("table", "json", "jsonl", "csv", "audacity")
 CSV_COLUMNS = ["path", "window", "start", "end", "rank", "index", "mid", "name", "score"]
 
 
@@ -57,11 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the published models (paper mAP, cached or not, the cache folder) and exit")
     p.add_argument("--offline", action="store_true",
                    help="never download a published model: use the cache (also AUDIOSET_DCLS_OFFLINE=1)")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="output format (default: table); audacity: the events as an Audacity label track "
+                        "(implies --events, one input)")
     p.add_argument("--output", "-o", type=Path, help="write results to this file instead of stdout")
     p.add_argument("--top-k", type=int, default=10, help="tags per file (and per window); 0 = all (default: 10)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="keep only tags with score >= this (applied after --top-k)")
+    p.add_argument("--threshold", type=_threshold_arg, default=None, metavar="T|auto",
+                   help="keep only tags with score >= this (applied after --top-k); auto = the per-class "
+                        "thresholds calibrated into the checkpoint (evaluate --calibrate, or a training run)")
+    p.add_argument("--events", action="store_true",
+                   help="also output sound events (onset, offset, label, peak/mean score) from the window "
+                        "scores; use a small --hop (e.g. 1) for fine times; threshold: --threshold, else auto "
+                        "when the checkpoint is calibrated, else 0.5")
+    p.add_argument("--hysteresis", type=float, default=HYSTERESIS, metavar="R",
+                   help=f"an event goes on while its score stays >= R x threshold (default: {HYSTERESIS})")
+    p.add_argument("--min-gap", type=float, default=MIN_GAP, metavar="SECONDS",
+                   help=f"dips below that lasting at most this long do not end an event (default: {MIN_GAP:g})")
     p.add_argument("--hop", type=float, default=None,
                    help="seconds between 10 s windows of long files (default: 10, no overlap)")
     p.add_argument("--aggregate", choices=("max", "mean"), default=None,
@@ -72,8 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the pooled embeddings (files x D, float32) of the tagged files; their "
                         "paths go to FILE.paths.txt in the same order")
     p.add_argument("--plot", type=Path, metavar="OUT.png",
-                   help="draw the spectrogram with the top tags over time (needs matplotlib); with several "
-                        "inputs OUT_0001.png, OUT_0002.png, ...")
+                   help="draw the spectrogram with the top tags over time, and with --events the events as "
+                        "bars under it (needs matplotlib); with several inputs OUT_0001.png, OUT_0002.png, ...")
+    live = p.add_argument_group("live input")
+    live.add_argument("--stdin", action="store_true",
+                      help="read raw s16le PCM from standard input as it arrives (arecord -f S16_LE, ffmpeg -f "
+                           "s16le -) and write one JSONL line per window as soon as it is scored")
+    live.add_argument("--rate", type=int, default=None, help="with --stdin: the sample rate of the PCM (required)")
+    live.add_argument("--channels", type=int, default=1, help="with --stdin: interleaved channels (default: 1)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--threads", type=int, default=None,
@@ -86,6 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _threshold_arg(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', got {text!r}") from None
+
+
+def resolve_threshold(args: argparse.Namespace, info: Any, name: str) -> None:
+    """``--threshold auto`` -> the checkpoint's (C,) calibrated values; the events' threshold:
+    --threshold, else the calibrated values, else 0.5. Raises ValueError (one line) for auto
+    without calibration."""
+    calibrated = info.class_thresholds
+    spec = args.threshold
+    if spec == "auto":
+        if calibrated is None:
+            raise ValueError(f"{name} has no calibrated thresholds for --threshold auto: calibrate them with "
+                             f"python -m audioset_dcls.evaluate --checkpoint {name} --shards EVAL_DIR --calibrate, "
+                             "or give a number")
+        args.threshold = np.asarray(calibrated)
+    if spec is None and args.events:
+        spec = "auto" if calibrated is not None else 0.5
+        args.threshold_note = ("calibrated per class" if calibrated is not None else
+                               "0.5 (the checkpoint has no calibrated thresholds; --threshold sets one)")
+    else:
+        args.threshold_note = "calibrated per class" if spec == "auto" else f"{spec:g}" if spec is not None else ""
+    args.threshold_spec = spec
+    args.event_threshold = np.asarray(calibrated) if spec == "auto" else spec
+
+
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(float(seconds), 60.0)
     h, m = divmod(int(m), 60)
@@ -96,7 +150,7 @@ class _Writer:
     def __init__(self, stream: IO[str], args: argparse.Namespace, header: dict[str, Any]):
         self.stream, self.args, self.header = stream, args, header
 
-    def write(self, result: Any) -> None: ...
+    def write(self, result: Any, events: list | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -104,7 +158,7 @@ class _Writer:
 class TableWriter(_Writer):
     """Readable per-file table; per-window lines show the top 3 tags of each window."""
 
-    def write(self, result: Any) -> None:
+    def write(self, result: Any, events: list | None = None) -> None:
         if not result.ok:
             return  # failures are reported on stderr
         a = self.args
@@ -122,6 +176,8 @@ class TableWriter(_Writer):
                 wt = result.window_top(i, min(3, a.top_k) if a.top_k > 0 else 3, a.threshold)
                 span = f"{_fmt_time(result.starts[i])}-{_fmt_time(result.ends[i])}"
                 lines.append(f"    {span:>17}  " + (", ".join(f"{t.name} {t.score:.2f}" for t in wt) or "-"))
+        if events is not None:
+            lines += ["  events:"] + ["  " + line for line in events_table(events)]
         self.stream.write("\n".join(lines) + "\n\n")
         self.stream.flush()
 
@@ -130,9 +186,9 @@ class JsonLinesWriter(_Writer):
     """One JSON object per input and line: {path, duration, num_windows, aggregate, tags[, windows]}
     or {path, error}."""
 
-    def write(self, result: Any) -> None:
+    def write(self, result: Any, events: list | None = None) -> None:
         a = self.args
-        self.stream.write(json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window)) + "\n")
+        self.stream.write(json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window, events)) + "\n")
         self.stream.flush()
 
 
@@ -145,9 +201,10 @@ class JsonWriter(_Writer):
         self.stream.write(head + ',\n "results": [')
         self.first = True
 
-    def write(self, result: Any) -> None:
+    def write(self, result: Any, events: list | None = None) -> None:
         a = self.args
-        self.stream.write(("\n  " if self.first else ",\n  ") + json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window)))
+        self.stream.write(("\n  " if self.first else ",\n  ")
+                          + json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window, events)))
         self.first = False
 
     def close(self) -> None:
@@ -156,15 +213,20 @@ class JsonWriter(_Writer):
 
 class CsvWriter(_Writer):
     """Long format, one row per tag: path, window ("clip" or 0..W-1), start, end, rank, index,
-    mid, name, score. Failed inputs have no rows (they are reported on stderr)."""
+    mid, name, score; with --events one row per event instead (``events.EVENT_CSV_COLUMNS``).
+    Failed inputs have no rows (they are reported on stderr)."""
 
     def __init__(self, *args: Any):
         super().__init__(*args)
         self.csv = csv.writer(self.stream, lineterminator="\n")
-        self.csv.writerow(CSV_COLUMNS)
+        self.csv.writerow(EVENT_CSV_COLUMNS if self.args.events else CSV_COLUMNS)
 
-    def write(self, result: Any) -> None:
+    def write(self, result: Any, events: list | None = None) -> None:
         if not result.ok:
+            return
+        if events is not None:
+            write_events_csv(self.csv, result.source, events)
+            self.stream.flush()
             return
         a = self.args
         for rank, t in enumerate(result.top(a.top_k, a.threshold), 1):
@@ -179,7 +241,17 @@ class CsvWriter(_Writer):
         self.stream.flush()
 
 
-WRITERS = {"table": TableWriter, "json": JsonWriter, "jsonl": JsonLinesWriter, "csv": CsvWriter}
+class AudacityWriter(_Writer):
+    """The events of one input as an Audacity label track: ``onset<TAB>offset<TAB>label``."""
+
+    def write(self, result: Any, events: list | None = None) -> None:
+        if result.ok and events is not None:
+            audacity_labels(events, self.stream)
+            self.stream.flush()
+
+
+WRITERS = {"table": TableWriter, "json": JsonWriter, "jsonl": JsonLinesWriter, "csv": CsvWriter,
+           "audacity": AudacityWriter}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,11 +263,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_model_list())
         return 0
-    if not args.inputs:
+    if args.stdin:
+        if args.inputs or args.rate is None:
+            parser.error("--stdin reads standard input: give --rate (and --channels), and no INPUT")
+        if args.format not in ("table", "jsonl") or args.plot or args.embeddings or args.per_window:
+            parser.error("--stdin writes JSONL lines (one per window): --format, --plot, --embeddings and "
+                         "--per-window do not apply")
+        if args.rate < 1 or args.channels < 1:
+            parser.error("--rate and --channels must be >= 1")
+    elif not args.inputs:
         parser.error("give at least one INPUT (audio file, folder or @list.txt)")
     if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or (args.hop is not None and args.hop <= 0):
         print("error: --batch-size and --threads must be >= 1 and --hop > 0", file=sys.stderr)
         return 2
+    if not 0 < args.hysteresis <= 1 or args.min_gap < 0:
+        print("error: --hysteresis must be in (0, 1] and --min-gap >= 0", file=sys.stderr)
+        return 2
+    if args.format == "audacity":
+        args.events = True
 
     from tqdm import tqdm
 
@@ -203,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped: list[TagFailure] = []  # in the folders: dangling links, unreadable files and sub-folders
     try:
-        files = expand_inputs(args.inputs, problems=skipped)
+        files = ["<stdin>"] if args.stdin else expand_inputs(args.inputs, problems=skipped)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.format == "audacity" and len(files) + len(skipped) > 1:
+        print(f"error: --format audacity writes one label track: give one input, not {len(files) + len(skipped)}",
+              file=sys.stderr)
         return 2
     if not files:
         for failure in skipped:
@@ -221,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tagger = Tagger.from_pretrained(args.model or DEFAULT_MODEL, offline=True if args.offline else None,
                                             progress=not args.quiet, **options)
+        resolve_threshold(args, tagger.info, str(args.checkpoint or args.model or DEFAULT_MODEL))
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -239,14 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         "window_seconds": tagger.features.clip_seconds,
         "aggregate": tagger.aggregate,
         "precision": tagger.precision,
+        "threshold": args.threshold_spec,
     }
     if not args.quiet:
         threads = f", {torch.get_num_threads()} CPU threads" if tagger.device.type == "cpu" else ""
+        source = (f"standard input (s16le, {args.rate} Hz, {args.channels} channel(s))" if args.stdin
+                  else f"{len(files)} input(s)")
         print(f"{tagger.info.model_name} ({'training form' if args.no_bake else 'baked'}), "
               f"{tagger.info.num_classes} labels, device {tagger.device}{threads}, {tagger.precision}, "
-              f"batch {tagger.batch_size}, "
-              f"10 s windows every {tagger.hop_seconds:g} s; {len(files)} input(s)", file=sys.stderr)
+              f"batch {1 if args.stdin else tagger.batch_size}, "
+              f"{tagger.features.clip_seconds:g} s windows every {tagger.hop_seconds:g} s; {source}", file=sys.stderr)
+        if args.events:
+            print(f"events: threshold {args.threshold_note}, hysteresis {args.hysteresis:g}, min gap {args.min_gap:g} s",
+                  file=sys.stderr)
 
+    if args.stdin:
+        return run_stdin(args, tagger)
     failed = len(skipped)
     embeddings: list[np.ndarray] = []
     embedded_paths: list[str] = []
@@ -265,12 +363,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: {result.source}: {result.reason}", file=sys.stderr)
                 elif result.warning:
                     print(f"warning: {result.source}: {result.warning}", file=sys.stderr)
-                writer.write(result)
+                events = None
+                if args.events and result.ok:
+                    events = result.events(args.event_threshold, hysteresis=args.hysteresis, min_gap=args.min_gap)
+                writer.write(result, events)
                 if result.ok and args.plot is not None:
                     out = args.plot if len(files) == 1 else args.plot.with_name(
                         f"{args.plot.stem}_{n:04d}{args.plot.suffix or '.png'}")
                     try:
-                        plot_tags(result, out, k=min(5, args.top_k or 5), features=tagger.features)
+                        plot_tags(result, out, k=min(5, args.top_k or 5), features=tagger.features, events=events)
                     except RuntimeError as err:
                         print(f"error: {err}", file=sys.stderr)
                         return 2
@@ -289,3 +390,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tagged {total - failed} of {total} input(s)" + (f"; {failed} failed" if failed else ""),
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def run_stdin(args: argparse.Namespace, tagger: Any) -> int:
+    """--stdin: PCM from standard input -> one flushed JSONL line per window as it is scored,
+    ``{"window", "start", "end", "tags"[, "events"]}`` (``events``: those that closed with this
+    window), then ``{"end_of_input": true, "duration", "num_windows"[, "events"]}``. Exit 0 at the
+    end of input or when the reader goes away (broken pipe), 1 when no audio came, 130 on Ctrl-C."""
+    import os
+
+    from .events import EventTracker
+    from .tagging import SlidingWindows, stream_pcm, top_tags
+
+    cfg = tagger.features
+    blocks = stream_pcm(sys.stdin.buffer, args.rate, args.channels, cfg.sample_rate)
+    sliding = SlidingWindows(blocks, cfg.clip_samples, tagger.hop_samples)
+    tracker = EventTracker(args.event_threshold, tagger.labels, hop_seconds=tagger.hop_seconds,
+                           hysteresis=args.hysteresis, min_gap=args.min_gap) if args.events else None
+    stream = open(args.output, "w") if args.output else sys.stdout
+    n = 0
+    try:
+        for start, end, scores in tagger.tag_live(sliding):
+            record: dict[str, Any] = {"window": n, "start": round(start, 4), "end": round(end, 4),
+                                      "tags": [t.to_dict() for t in top_tags(scores, tagger.labels, args.top_k,
+                                                                             args.threshold)]}
+            if tracker is not None:
+                record["events"] = [e.to_dict() for e in tracker.push(start, end, scores)]
+            stream.write(json.dumps(record) + "\n")
+            stream.flush()
+            n += 1
+        duration = sliding.num_samples / cfg.sample_rate
+        final: dict[str, Any] = {"end_of_input": True, "duration": round(duration, 4), "num_windows": n}
+        if tracker is not None:
+            final["events"] = [e.to_dict() for e in tracker.finish(duration)]
+        stream.write(json.dumps(final) + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing more to say; keep Python from complaining
+        # about the unflushable stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    if n == 0:
+        print("error: <stdin>: no audio samples", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"tagged {duration:.1f} s of standard input in {n} window(s)", file=sys.stderr)
+    return 0

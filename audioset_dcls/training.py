@@ -74,7 +74,7 @@ from .data import (
     train_batches_per_rank,
 )
 from .finetune import InitReport, freeze_backbone, init_from_checkpoint, set_train_mode, write_report
-from .evaluate import append_jsonl, evaluate, format_result, summarize, write_per_class_csv
+from .evaluate import append_jsonl, evaluate, format_result, summarize, thresholds_record, write_per_class_csv
 from .features import Normalization
 from .files import write_text
 from .preemption import StopSignals, agree_to_stop, parse_stop_signals
@@ -284,6 +284,7 @@ class TrainState:
     bar: Any = None  # tqdm over optimizer steps (disabled off the main process)
     corrupt: dict[int, int] = field(default_factory=dict)  # loader worker -> its count of skipped samples
     final_eval: dict[str, Any] | None = None  # summary of the latest evaluation (main process)
+    final_thresholds: dict[str, Any] | None = None  # per-class thresholds calibrated by it (main process)
     signals: StopSignals = field(default_factory=lambda: StopSignals(()))  # this rank's stop-signal flag
     init: InitReport | None = None  # what model.init loaded (fresh fine-tunes; None otherwise)
     task: str = "multilabel"  # train.task resolved: "multilabel" or "singlelabel"
@@ -717,6 +718,7 @@ def evaluate_epoch(state: TrainState) -> None:
     if not acc.is_main_process:
         return
     state.final_eval = summarize(result)
+    state.final_thresholds = thresholds_record(result)
     acc.log({f"eval/{k}": result[k] for k in ("mAP", "mAUC", "d_prime", "accuracy", "top5") if k in result},
             step=p.step)
     log.info(f"eval epoch {p.epoch}: {format_result(result)}; per-class AP: {csv_path}")
@@ -815,7 +817,8 @@ def describe_write_error(err: BaseException, where: Path) -> str:
 
 def export_model(state: TrainState) -> Path:
     """``model.safetensors``: the eval weights with what tagging needs (model, features,
-    normalisation, labels; checkpoint.CheckpointInfo), the config and the last eval summary."""
+    normalisation, labels; checkpoint.CheckpointInfo), the per-class thresholds calibrated by the
+    last evaluation (``--threshold auto``), the config and the last eval summary."""
     cfg, t, p = state.cfg, state.train_set, state.progress
     info = CheckpointInfo(
         model_name=cfg.model.name, num_classes=t.num_classes, features=t.features, normalization=state.norm,
@@ -828,6 +831,7 @@ def export_model(state: TrainState) -> Path:
                "init": None if state.init is None else {
                    "source": state.init.source, "path": state.init.path, "loaded": len(state.init.loaded),
                    "reinitialised": state.init.reinitialised}},
+        thresholds=state.final_thresholds,
     )
     path = save_inference_checkpoint(state.out_dir / "model.safetensors", state.eval_model.state_dict(), info)
     log.info(f"inference checkpoint: {path}")

@@ -34,3 +34,12 @@ def no_weight_downloads(tmp_path_factory):
     patch.delenv("AUDIOSET_DCLS_WEIGHTS_URL", raising=False)
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> Path:
+    """The session's tiny model trained on the synthetic classes (tests/train_shards.py): its run
+    directory, holding ``model.safetensors``."""
+    from train_shards import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory)[0]

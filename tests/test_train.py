@@ -33,7 +33,7 @@ from audioset_dcls.config import Config, ConfigError, apply_overrides
 from audioset_dcls.shards import read_manifest
 from audioset_dcls.synthetic import CLASSES
 from audioset_dcls.training import build_optimizer, find_checkpoint, gradient_accumulation_steps, lr_at
-from train_shards import session_shards
+from train_shards import session_shards, train_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -424,12 +424,9 @@ LEARNABLE_MAP = 0.40
 
 
 def test_tiny_model_learns_the_synthetic_classes_with_the_real_front_end(tmp_path_factory):
-    train_dir, eval_dir = session_shards(tmp_path_factory, 10.0)
+    train_dir, _ = session_shards(tmp_path_factory, 10.0)
     assert read_manifest(train_dir)["feature_config"]["clip_seconds"] == 10.0
-    out = tmp_path_factory.mktemp("learn")
-    log = check(run_train("single", ["--config", "configs/tiny.yaml", f"data.train={train_dir}",
-                                     f"data.eval={eval_dir}", f"train.output_dir={out}", "schedule.epochs=4",
-                                     "eval.every_epochs=4", "train.progress_bar=false"], threads=2))
+    out, log = train_tiny_run(tmp_path_factory)  # the session's trained model (also used by the events tests)
     s = summary(out)
     with open(out / "eval" / "per_class_ap_epoch003.csv") as f:
         chance = sum(int(r["positives"]) for r in csv.DictReader(f)) / (len(CLASSES) * s["eval"]["num_clips"])

@@ -105,3 +105,26 @@ def own_shards(tmp_path_factory, clip_seconds: float = 2.0) -> tuple[Path, Path]
                                  progress=False, feature_config=features))
     (root / f"shards_{clip_seconds:g}s" / "DONE").write_text("ok")
     return train_dir, eval_dir
+
+
+def train_tiny_run(tmp_path_factory) -> tuple[Path, str]:
+    """(run dir, log) of configs/tiny.yaml trained on the session's 10 s mini AudioSet shards for
+    4 epochs in one process: the session's trained model (``model.safetensors``, with thresholds
+    calibrated by its final evaluation), shared by the learnability, events and live-input tests."""
+    import os
+    import subprocess
+    import sys
+
+    train_dir, eval_dir = session_shards(tmp_path_factory, 10.0)
+    out = tmp_path_factory.getbasetemp() / "trained_tiny"
+    if (out / "summary.json").is_file():
+        return out, (out / "train.log").read_text()
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", f"data.train={train_dir}",
+                           f"data.eval={eval_dir}", f"train.output_dir={out}", "schedule.epochs=4",
+                           "eval.every_epochs=4", "train.progress_bar=false"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    (out / "train.log").write_text(log)
+    return out, log
