@@ -18,6 +18,15 @@ benchmarks/RESULTS.md).
 
     python benchmarks/infer.py --threads 2 --models convnext_tiny convnext_tiny_dcls
     python benchmarks/infer.py --device cuda --precision bf16 --skip-models --batch 32   # the long file on a GPU
+
+With ``--stdin-seconds S`` (and ``--skip-models --skip-long``): live tagging from a pipe. ``infer.py
+--stdin`` runs in a fresh process with ``--long-model``; once it has loaded, S seconds of 32 kHz
+mono s16le PCM are written into its standard input **in real time** (20 ms chunks, paced by the
+clock, as ``arecord`` delivers them), and the latency of each window is the time from the moment
+the window's last sample entered the pipe to the moment its JSONL line came out (median, 90th
+percentile, max), with the hop ``--hop``:
+
+    python benchmarks/infer.py --skip-models --skip-long --stdin-seconds 40 --hop 1 --threads 2
 """
 
 from __future__ import annotations
@@ -205,6 +214,60 @@ def bench_long(args: argparse.Namespace, folder: Path) -> None:
           f"(the decoded {args.long_seconds / 60:.0f} min signal alone would be {whole:.0f} MB at 32 kHz float32)")
 
 
+def bench_stdin(args: argparse.Namespace, folder: Path) -> None:
+    """Latency per window of ``infer.py --stdin`` fed in real time (see the module docstring)."""
+    import numpy as np
+
+    rate, chunk_s = 32000, 0.02
+    ckpt = _write_checkpoint(args.long_model, folder)
+    rng = np.random.default_rng(0)
+    n = int(args.stdin_seconds * rate)
+    t = np.arange(n) / rate
+    pcm = (0.2 * np.sin(2 * np.pi * 440 * t) * (np.sin(2 * np.pi * 0.1 * t) > 0)
+           + 0.01 * rng.standard_normal(n)) * 32767
+    data = pcm.astype("<i2").tobytes()
+    cmd = [sys.executable, str(REPO / "infer.py"), "--checkpoint", str(ckpt), "--stdin", "--rate", str(rate),
+           "--hop", str(args.hop), "--threads", str(args.threads), "--top-k", "5", "--events",
+           "--precision", args.precision, "--device", args.device]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    header = proc.stderr.readline().decode().strip()  # printed once the model is loaded
+    written: list[tuple[int, float]] = []  # (samples in the pipe, time)
+
+    def feed() -> None:
+        step = int(chunk_s * rate) * 2
+        t0 = time.perf_counter()
+        for i, k in enumerate(range(0, len(data), step)):
+            delay = t0 + i * chunk_s - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            proc.stdin.write(data[k : k + step])
+            proc.stdin.flush()
+            written.append((min(len(data), k + step) // 2, time.perf_counter()))
+        proc.stdin.close()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    latencies = []
+    for line in proc.stdout:
+        arrived = time.perf_counter()
+        rec = json.loads(line)
+        if "window" not in rec:
+            continue
+        end = int(round(rec["end"] * rate))
+        entered = next(t for samples, t in written if samples >= end)
+        latencies.append(arrived - entered)
+    feeder.join()
+    proc.wait()
+    lat = sorted(latencies)
+    pct = lat[min(len(lat) - 1, int(0.9 * len(lat)))]
+    print(f"# {header}")
+    print(f"stdin latency, {args.long_model} ({args.precision} on {args.device}), {args.threads} threads, hop "
+          f"{args.hop:g} s, {args.stdin_seconds:g} s of 32 kHz mono fed in real time: {len(lat)} windows, "
+          f"median {statistics.median(lat) * 1e3:.0f} ms, p90 {pct * 1e3:.0f} ms, max {lat[-1] * 1e3:.0f} ms "
+          "from a window's last sample entering the pipe to its JSONL line")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["convnext_tiny", "convnext_tiny_dcls"])
@@ -220,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="long file: also print each run's JSON record")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-long", action="store_true")
+    p.add_argument("--stdin-seconds", type=float, default=0.0,
+                   help="live tagging: feed this many seconds into infer.py --stdin in real time and measure "
+                        "the latency per window (0: skip)")
     p.add_argument("--worker-long", nargs=2, metavar=("CKPT", "AUDIO"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -235,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_models(args, Path(tmp))
         if not args.skip_long:
             bench_long(args, Path(tmp))
+        if args.stdin_seconds > 0:
+            bench_stdin(args, Path(tmp))
     return 0
 
 

@@ -8,7 +8,6 @@ and stops cleanly at the end of input and when its reader goes away."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -89,7 +88,9 @@ def test_events_of_known_sounds_land_within_one_hop_in_every_format(model, scene
         assert e["name"] == "Low hum, harmonic" and e["peak"] >= e["mean"] > 0
     assert all(0 <= e["onset"] <= e["offset"] <= 62.0 for e in events)
     # the same events as a CSV table and as an Audacity label track
-    assert run(capsys, *common, "--events", "--format", "csv", "-o", tmp_path / "e.csv")[0] == 0
+    assert run(capsys, *common, "--events", "--format", "csv", "-o", tmp_path / "e.csv",
+               "--plot", tmp_path / "e.png")[0] == 0
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"  # with the events as bars
     with open(tmp_path / "e.csv") as f:
         table = list(csv.DictReader(f))
     assert [(int(r["index"]), float(r["onset"])) for r in table] == [(e["index"], round(e["onset"], 3)) for e in events]

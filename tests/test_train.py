@@ -357,8 +357,16 @@ def test_evaluate_on_the_exported_model_reproduces_the_training_eval(runs):
 def test_evaluate_command_reproduces_the_training_eval(runs, tmp_path, launcher):
     """``python -m audioset_dcls.evaluate`` on the exported model gives the run's final eval to
     the last bit, alone (2 loader workers read the shards the 2 ranks read) and under a 2-process
-    launch (every clip once over the ranks); its per-class table is the run's, byte for byte."""
-    args = ["--checkpoint", str(runs["root"] / "full" / "model.safetensors"), "--shards", str(runs["eval"]),
+    launch (every clip once over the ranks); its per-class table is the run's, byte for byte.
+    With --calibrate it stores the thresholds the run's final evaluation stored (here in a copy of
+    the model that has none), and changes nothing else."""
+    from audioset_dcls.checkpoint import load_checkpoint, save_inference_checkpoint
+
+    exported = runs["root"] / "full" / "model.safetensors"
+    weights, info = load_checkpoint(exported)
+    trained_thresholds, info.thresholds = info.thresholds, None
+    copy = save_inference_checkpoint(tmp_path / "model.safetensors", weights, info)
+    args = ["--checkpoint", str(copy), "--shards", str(runs["eval"]), "--calibrate",
             "--batch-size", "32", "--output", str(tmp_path / "results.json"),
             "--per-class", str(tmp_path / "per_class.csv")]
     if launcher == "single":  # in this process: the command's main(), as `python -m` runs it
@@ -383,6 +391,10 @@ def test_evaluate_command_reproduces_the_training_eval(runs, tmp_path, launcher)
     assert results["processes"] == (2 if launcher == "accelerate" else 1) and results["precision"] == "fp32"
     trained = runs["root"] / "full" / "eval" / "per_class_ap_epoch002.csv"
     assert (tmp_path / "per_class.csv").read_bytes() == trained.read_bytes()
+    calibrated_weights, calibrated = load_checkpoint(copy)
+    assert trained_thresholds["method"] == "max_f1" and calibrated.thresholds == trained_thresholds
+    assert calibrated.to_dict() == {**info.to_dict(), "thresholds": trained_thresholds}
+    assert all(torch.equal(calibrated_weights[k], weights[k]) for k in weights)
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
