@@ -402,7 +402,12 @@ def run_stdin(args: argparse.Namespace, tagger: Any) -> int:
     from .events import EventTracker
     from .tagging import SlidingWindows, stream_pcm, top_tags
 
+    import torch
+
     cfg = tagger.features
+    # One window of silence first: the first forward pass sets up the kernels (several times the
+    # cost of the next ones), which would otherwise delay the first live window.
+    tagger.forward_windows(torch.zeros(1, cfg.clip_samples))
     blocks = stream_pcm(sys.stdin.buffer, args.rate, args.channels, cfg.sample_rate)
     sliding = SlidingWindows(blocks, cfg.clip_samples, tagger.hop_samples)
     tracker = EventTracker(args.event_threshold, tagger.labels, hop_seconds=tagger.hop_seconds,

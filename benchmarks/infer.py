@@ -261,11 +261,13 @@ def bench_stdin(args: argparse.Namespace, folder: Path) -> None:
     proc.wait()
     lat = sorted(latencies)
     pct = lat[min(len(lat) - 1, int(0.9 * len(lat)))]
+    load = os.getloadavg()[0]
     print(f"# {header}")
     print(f"stdin latency, {args.long_model} ({args.precision} on {args.device}), {args.threads} threads, hop "
           f"{args.hop:g} s, {args.stdin_seconds:g} s of 32 kHz mono fed in real time: {len(lat)} windows, "
           f"median {statistics.median(lat) * 1e3:.0f} ms, p90 {pct * 1e3:.0f} ms, max {lat[-1] * 1e3:.0f} ms "
-          "from a window's last sample entering the pipe to its JSONL line")
+          f"from a window's last sample entering the pipe to its JSONL line (1-min load average {load:.1f} on "
+          f"{os.cpu_count()} CPUs)")
 
 
 def main(argv: list[str] | None = None) -> int:
