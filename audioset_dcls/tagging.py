@@ -23,6 +23,10 @@ Each window's log-mel is the same as ``features.compute_logmel`` of that stretch
 decoded signal. Formats that need ffmpeg (m4a, opus, ...) are decoded whole.
 
 Windows of consecutive files share batches, so a folder of short clips runs at full batch size.
+
+``TagResult.events`` turns a file's window scores into sound events (``audioset_dcls/events.py``);
+:meth:`Tagger.tag_live` scores the windows of a live stream (``features.stream_pcm``: raw PCM from
+a pipe) one by one as their audio arrives, with the same windows and scores as a file.
 """
 
 from __future__ import annotations
