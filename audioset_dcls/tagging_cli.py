@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                          "--per-window do not apply")
         if args.rate < 1 or args.channels < 1:
             parser.error("--rate and --channels must be >= 1")
+        if sys.stdin.isatty():
+            parser.error("--stdin reads raw s16le PCM from a pipe, not a terminal: "
+                         "arecord -f S16_LE -r 32000 - | python infer.py --stdin --rate 32000 ...")
     elif not args.inputs:
         parser.error("give at least one INPUT (audio file, folder or @list.txt)")
     if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or (args.hop is not None and args.hop <= 0):
@@ -443,6 +446,9 @@ def run_stdin(args: argparse.Namespace, tagger: Any) -> int:
     if n == 0:
         print("error: <stdin>: no audio samples", file=sys.stderr)
         return 1
+    if sliding.num_samples < cfg.n_fft:
+        print(f"warning: <stdin>: only {sliding.num_samples} samples, less than one {cfg.n_fft}-sample analysis "
+              "window: its tags mean little", file=sys.stderr)
     if not args.quiet:
         print(f"tagged {duration:.1f} s of standard input in {n} window(s)", file=sys.stderr)
     return 0
