@@ -257,7 +257,7 @@ WRITERS = {"table": TableWriter, "json": JsonWriter, "jsonl": JsonLinesWriter, "
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 all tagged, 1 some input failed, 2 bad usage)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # files may follow options: infer.py -q a.wav --hop 5 b.wav
     if args.list_models:
         from .pretrained import format_model_list
 

@@ -170,8 +170,9 @@ def test_csv_schema_threshold_and_list_file(capsys, checkpoint, folder, tmp_path
 def test_table_and_embeddings(capsys, checkpoint, folder, tmp_path):
     emb = tmp_path / "emb.npy"
     files = [folder / "nested" / v[0] for v in AUDIO_VARIANTS[:3]]
-    code, out, err = run(capsys, "--checkpoint", checkpoint, *files, folder / "broken.flac", "--embeddings", emb,
-                         "--top-k", 4, "--threads", 1, "--device", "cpu", "--batch-size", 3)
+    # inputs before, between and after options
+    code, out, err = run(capsys, files[0], "--checkpoint", checkpoint, files[1], "--embeddings", emb, files[2],
+                         "--top-k", 4, "--threads", 1, folder / "broken.flac", "--device", "cpu", "--batch-size", 3)
     assert code == 1
     assert "1 CPU threads" in err and "device cpu" in err  # the header states what actually runs
     for f in files:
