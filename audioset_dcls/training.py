@@ -438,6 +438,10 @@ def open_data(cfg: Config) -> tuple[ShardSet, ShardSet | None, Normalization]:
     eval_set = open_shard_set(cfg.data.eval, "data.eval", verify) if cfg.data.eval else None
     if eval_set is not None and eval_set.num_classes != train_set.num_classes:
         raise DataError(f"data.eval has {eval_set.num_classes} classes, data.train {train_set.num_classes}")
+    if eval_set is not None and eval_set.labels != train_set.labels:
+        i, a, b = next((i, a, b) for i, (a, b) in enumerate(zip(eval_set.labels, train_set.labels)) if a != b)
+        raise DataError(f"data.eval's class {i} is {a['name']!r}, data.train's {b['name']!r}: the eval shards need "
+                        f"the train class list (build them with --classes {train_set.root})")
     if eval_set is not None and eval_set.features != train_set.features:
         raise DataError("data.train and data.eval were built with different feature configs")
     return train_set, eval_set, resolve_normalization(cfg.data, train_set)

@@ -85,6 +85,23 @@ def test_init_refuses_another_backbone_and_a_missing_source(source, tmp_path_fac
     with pytest.raises(CheckpointError, match=r"^model.init=convnext_tiny_dcls: .*offline") as info:
         setup_training(fine_tune_config(tmp_path_factory, tmp_path / "d", "model.init=convnext_tiny_dcls"))
     assert "\n" not in str(info.value)
+    # eval shards built without the train class list: caught before any training
+    from audioset_dcls.data import DataError
+
+    other = tmp_path / "other_eval"
+    from audioset_dcls.shard_build import BuildOptions, build_shards
+
+    train_dir, _ = own_shards(tmp_path_factory)
+    clips = tmp_path_factory.getbasetemp() / "own_data" / "audio" / "clips"
+    lst = tmp_path / "reordered.csv"
+    lst.write_text("path,labels\n" + "".join(f"{clips / c / '000.wav'},{c}\n" for c in
+                                                ("alarm", "clicks", "hum", "siren", "whistle")))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("whistle\nsiren\nhum\nclicks\nalarm\n")
+    build_shards(BuildOptions(lists=(lst,), classes=classes, out=other, split="eval", workers=0, progress=False,
+                              feature_config=read_checkpoint_info(source / "model.safetensors").features))
+    with pytest.raises(DataError, match=f"class 0 is 'whistle', data.train's 'alarm'.*--classes {train_dir}"):
+        setup_training(fine_tune_config(tmp_path_factory, tmp_path / "e", f"data.eval={other}"))
     with pytest.raises(ConfigError, match="model.freeze_backbone: needs model.init"):
         fine_tune_config(tmp_path_factory, tmp_path / "c", "model.freeze_backbone=true")
 
