@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["InitReport", "read_init_weights", "init_from_checkpoint", "head_prefix", "freeze_backbone",
-           "set_train_mode"]
+           "set_train_mode", "write_report"]
 
 # What accelerate's save_state names the (first) model's weights in a training checkpoint.
 _TRAINING_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -170,6 +170,7 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 
 
 def write_report(path: Path, report: InitReport) -> None:
+    """``init.json``: the report with every tensor by name, written atomically."""
     from .files import write_text
 
     write_text(path, json.dumps(report.to_dict(), indent=1) + "\n")

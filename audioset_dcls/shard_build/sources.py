@@ -215,9 +215,8 @@ def read_class_names(path: str | Path) -> list[str]:
             names = list(json.loads(path.read_text())["labels"]["names"])
         except (ValueError, KeyError, TypeError) as err:
             raise LabelError(f"{path}: not a shard manifest with a label list ({err})") from None
-        where = {n: f"{path}" for n in names}
     else:
-        names, where = [], {}
+        names, where = [], {}  # name -> the line it is on
         for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             name = line.strip()
             if not name or name.startswith("#"):
