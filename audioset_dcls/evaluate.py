@@ -374,8 +374,18 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
               f"batch {args.batch_size}", file=sys.stderr)
     clips = predict_clips(model, shards, info.normalization, batch_size=args.batch_size, num_workers=args.workers,
                           accelerator=accelerator, task=info.task)
-    if clips is None:
-        return None
+    out = None if clips is None else report(args, clips, info, shards, path, accelerator, segment_keys)
+    # Every rank leaves together, through the process group's own shutdown: a rank that exits
+    # while the main process still scores leaves gloo's threads running, and the C++ runtime
+    # aborts it at exit ("terminate called without an active exception"), failing the launch.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def report(args: argparse.Namespace, clips: ClipScores, info, shards, path: Path, accelerator,
+           segment_keys: list[str] | None) -> dict[str, Any]:
+    """The main process's part of :func:`run`: metrics, the files asked for, the results dict."""
     result = compute_metrics(clips, info.task, args.min_positives)
     result["manifest_clips"] = shards.num_samples
     out = {**summarize(result), "checkpoint": str(path), "model": info.model_name, "shards": str(shards.root),
