@@ -37,8 +37,8 @@ FORMAT = "audioset_dcls.inference/1"
 TASKS = ("multilabel", "singlelabel")
 METADATA_KEY = "audioset_dcls"
 
-__all__ = ["TASKS", "probabilities", "CheckpointError", "CheckpointInfo", "save_inference_checkpoint", "read_checkpoint_info", "load_checkpoint",
-           "load_model", "store_thresholds"]
+__all__ = ["TASKS", "probabilities", "CheckpointError", "CheckpointInfo", "save_inference_checkpoint",
+           "read_checkpoint_info", "load_checkpoint", "load_model", "store_thresholds"]
 
 
 class CheckpointError(ValueError):

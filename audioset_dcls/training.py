@@ -67,15 +67,15 @@ from .data import (
     ShardSet,
     build_train_loader,
     derive_seed,
-    move_batch,
     labels_per_clip,
+    move_batch,
     open_shard_set,
     resolve_normalization,
     train_batches_per_rank,
 )
-from .finetune import InitReport, freeze_backbone, init_from_checkpoint, set_train_mode, write_report
 from .evaluate import append_jsonl, evaluate, format_result, summarize, thresholds_record, write_per_class_csv
 from .features import Normalization
+from .finetune import InitReport, freeze_backbone, init_from_checkpoint, set_train_mode, write_report
 from .files import write_text
 from .preemption import StopSignals, agree_to_stop, parse_stop_signals
 
