@@ -393,32 +393,59 @@ def build_eval_loader(shards: ShardSet, batch_size: int, num_workers: int, norm:
 
 
 class Loader(torch.utils.data.DataLoader):
-    """A DataLoader whose worker processes are shut down before the interpreter exits.
+    """A DataLoader that starts its workers safely and shuts them down before the interpreter exits.
 
-    The workers ignore SIGTERM (:func:`~audioset_dcls.preemption.ignore_stop_signals`), and
-    SIGTERM is how multiprocessing ends daemon children at exit: a rank that exits while a
+    Exit: the workers ignore SIGTERM (:func:`~audioset_dcls.preemption.ignore_stop_signals`),
+    and SIGTERM is how multiprocessing ends daemon children at exit: a rank that exits while a
     loader runs (an exception mid-epoch keeps the loader alive in its traceback) would wait on
-    them forever. Every iterator with workers is remembered (weakly) and, at exit, shut down
-    the way its own ``__del__`` would (done event, then join)."""
+    them forever. Every iterator with workers is remembered (weakly) and, at exit, shut down the
+    way its own ``__del__`` would (done event, then join).
+
+    Start: workers are forked. A finished iterator's index queues are closed but their feeder
+    threads (one per worker, in this process) end on their own a moment later, and a thread that
+    ends takes the interpreter's thread-list lock: a worker forked at that moment inherits the
+    lock held and hangs in its start-up for ever (CPython 3.11's fork; seen in CI as a rank
+    waiting on a worker that never started while the other rank waited in all-reduce). So the
+    feeders of finished iterators are joined before new workers are forked.
+    """
 
     def __iter__(self):
+        _join_finished_feeders()
         it = super().__iter__()
         if self.num_workers > 0:
             global _exit_hook_registered
             if not _exit_hook_registered:
                 atexit.register(_shut_down_live_iterators)
                 _exit_hook_registered = True
-            _LIVE_ITERATORS.add(it)
+            _ITERATORS.append((weakref.ref(it), list(it._index_queues)))
         return it
 
 
-_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+# (weak reference to an iterator with workers, its index queues), oldest first
+_ITERATORS: list[tuple[weakref.ref, list]] = []
 _exit_hook_registered = False
 
 
+def _join_finished_feeders(timeout: float = 10.0) -> None:
+    """Join the feeder threads of iterators that are shut down or gone; forget those iterators."""
+    live = []
+    for ref, queues in _ITERATORS:
+        it = ref()
+        if it is not None and not it._shutdown:
+            live.append((ref, queues))
+            continue
+        for q in queues:
+            feeder = getattr(q, "_thread", None)  # multiprocessing.Queue's feeder, started by its first put
+            if feeder is not None:
+                feeder.join(timeout)
+    _ITERATORS[:] = live
+
+
 def _shut_down_live_iterators() -> None:
-    for it in list(_LIVE_ITERATORS):
-        it._shutdown_workers()  # torch's own clean shutdown (what DataLoader iterators' __del__ calls)
+    for ref, _ in _ITERATORS:
+        it = ref()
+        if it is not None:
+            it._shutdown_workers()  # torch's own clean shutdown (what DataLoader iterators' __del__ calls)
 
 
 def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,6 +127,36 @@ def test_a_rank_that_fails_mid_epoch_exits_instead_of_waiting_on_its_workers(sha
     assert proc.returncode == 1 and "RuntimeError: failed mid-epoch" in proc.stderr
 
 
+def test_a_new_loader_first_joins_the_feeder_threads_of_finished_ones(shards, monkeypatch):
+    """Workers forked while a finished loader's feeder thread is still ending can hang in their
+    start-up (CPython 3.11): a new loader joins those threads before it forks. Here the ending
+    feeders are held back (as a busy machine would) and the new loader must wait for them."""
+    import threading
+    import time
+    from multiprocessing.queues import Queue
+
+    train_dir, _ = shards
+    s = open_shard_set(train_dir, "data.train")
+    first = iter(build_eval_loader(s, 4, 2, Normalization(), rank=0, world_size=1))
+    feeders = [q._thread for q in first._index_queues]
+    assert len(feeders) == 2 and all(f is not None and f.is_alive() for f in feeders)
+    release = threading.Event()
+    close = Queue.close
+
+    def slow_close(self):  # the feeder sees the close only once released
+        threading.Thread(target=lambda: (release.wait(), close(self)), daemon=True).start()
+
+    monkeypatch.setattr(Queue, "close", slow_close)
+    list(first)  # exhausted: shut down, its queues "closing"
+    monkeypatch.undo()
+    assert all(f.is_alive() for f in feeders)
+    threading.Timer(0.5, release.set).start()
+    t0 = time.monotonic()
+    batches = list(build_eval_loader(s, 4, 2, Normalization(), rank=0, world_size=1))
+    assert batches and time.monotonic() - t0 >= 0.5  # it waited for the release
+    assert not any(f.is_alive() for f in feeders)
+
+
 def test_loader_workers_leave_stop_signals_to_their_rank(shards):
     """A scheduler signals every process of a job, loader workers included: they must keep
     feeding the rank, which finishes its step and checkpoints (training.py)."""
