@@ -872,4 +872,9 @@ def finish_training(state: TrainState) -> dict[str, Any]:
         log.warning(f"stopped by {state.stopped_by} at step {p.step}: checkpoint {find_checkpoint(state.out_dir)}; "
                     "continue with --resume")
     acc.end_training()
+    # The DDP wrapper holds the process group: free it now, while the interpreter is whole. Left to
+    # interpreter teardown, gloo's threads can abort the rank ("terminate called without an active
+    # exception": seen once in CI, on rank 1 of a 2-process run that had finished its work).
+    acc.free_memory()
+    state.model = state.optimizer = state.scheduler = None
     return summary
