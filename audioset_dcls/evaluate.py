@@ -288,28 +288,6 @@ def _mixed_precision(precision: str) -> str:
     return {"fp32": "no"}.get(precision, precision)
 
 
-def _resolve_on_main_first(name_or_path: str, accelerator, offline: bool) -> Path:
-    """The checkpoint file; a published name is fetched by the main process while the others
-    wait, then read from the cache by all (a node without the shared cache fetches under the
-    cache's lock). A failure on the main process reaches every rank, so none waits forever."""
-    from .pretrained import resolve_checkpoint
-
-    kwargs = {"offline": True if offline else None}
-    outcome: list[str | None] = [None]
-    if accelerator.is_main_process:
-        try:
-            resolve_checkpoint(name_or_path, progress=True, **kwargs)
-        except (OSError, ValueError, RuntimeError) as err:
-            outcome = [str(err)]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        outcome = broadcast_object_list(outcome, from_process=0)
-    if outcome[0] is not None:
-        raise EvaluationError(outcome[0])
-    return resolve_checkpoint(name_or_path, progress=False, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m audioset_dcls.evaluate",
@@ -345,6 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     from .checkpoint import load_model, read_checkpoint_info
     from .data import open_shard_set
+    from .pretrained import PretrainedError, resolve_checkpoint_on_main_first
 
     if args.batch_size < 1 or args.workers < 0 or args.min_positives < 1:
         raise EvaluationError("--batch-size and --min-positives must be >= 1 and --workers >= 0")
@@ -357,7 +336,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if accelerator.num_processes != launched:
         raise EvaluationError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}; "
                               "on CPUs set ACCELERATE_USE_CPU=1")
-    path = _resolve_on_main_first(args.checkpoint, accelerator, args.offline)
+    try:
+        path = resolve_checkpoint_on_main_first(args.checkpoint, accelerator, offline=True if args.offline else None)
+    except PretrainedError as err:
+        raise EvaluationError(str(err)) from None
     info = read_checkpoint_info(path)
     check_compatible(info, shards, str(path))
     segment_keys = None

@@ -65,6 +65,7 @@ __all__ = [
     "fetch_pretrained",
     "load_pretrained",
     "resolve_checkpoint",
+    "resolve_checkpoint_on_main_first",
     "format_model_list",
     "main",
 ]
@@ -408,6 +409,26 @@ def resolve_checkpoint(name_or_path: str | Path, **fetch_kwargs: Any) -> Path:
         return fetch_pretrained(str(name_or_path), **fetch_kwargs)
     raise PretrainedError(f"{name_or_path}: neither a checkpoint file nor a published model "
                           f"({', '.join(PUBLISHED_MODELS)})")
+
+
+def resolve_checkpoint_on_main_first(name_or_path: str | Path, accelerator: Any, **fetch_kwargs: Any) -> Path:
+    """:func:`resolve_checkpoint` under a launch of several processes: a published name is fetched
+    by the main process while the others wait, then read from the cache by all (a node without
+    the shared cache fetches under the cache's lock). A failure on the main process is raised on
+    every rank as a PretrainedError with its one line, so none waits for ever."""
+    outcome: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            resolve_checkpoint(name_or_path, **{**fetch_kwargs, "progress": True})
+        except (OSError, ValueError, RuntimeError) as err:
+            outcome = [str(err)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = broadcast_object_list(outcome, from_process=0)
+    if outcome[0] is not None:
+        raise PretrainedError(outcome[0])
+    return resolve_checkpoint(name_or_path, **{**fetch_kwargs, "progress": False})
 
 
 def load_pretrained(name: str = DEFAULT_MODEL, *, bake: bool = True, device: str = "cpu",

@@ -401,7 +401,7 @@ def resolve_init(name_or_path: str, accelerator: Accelerator) -> Path:
     """The file or directory ``model.init`` names; a published model name is fetched (once, by
     the main process, while the others wait) and read from the cache. CheckpointError on every
     rank when it cannot be had."""
-    from .pretrained import PUBLISHED_MODELS, resolve_checkpoint
+    from .pretrained import PUBLISHED_MODELS, PretrainedError, resolve_checkpoint_on_main_first
 
     path = Path(name_or_path)
     if path.exists() or name_or_path not in PUBLISHED_MODELS:
@@ -409,17 +409,10 @@ def resolve_init(name_or_path: str, accelerator: Accelerator) -> Path:
             raise CheckpointError(f"model.init={name_or_path}: no such file or directory, and not a published "
                                   f"model ({', '.join(PUBLISHED_MODELS)})")
         return path
-    outcome: list[str | None] = [None]
-    if accelerator.is_main_process:
-        try:
-            resolve_checkpoint(name_or_path, progress=True)
-        except (OSError, ValueError, RuntimeError) as err:
-            outcome = [f"model.init={name_or_path}: {err}"]
-    if accelerator.num_processes > 1:
-        outcome = broadcast_object_list(outcome, from_process=0)
-    if outcome[0] is not None:
-        raise CheckpointError(outcome[0])
-    return resolve_checkpoint(name_or_path, progress=False)
+    try:
+        return resolve_checkpoint_on_main_first(name_or_path, accelerator)
+    except PretrainedError as err:
+        raise CheckpointError(f"model.init={name_or_path}: {err}") from None
 
 
 def train_mode(state: TrainState) -> None:
