@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from audioset_dcls.tagging_cli import main as run
+    from audioset_dcls.tagging.cli import main as run
 
     return run(argv)
 

@@ -1,4 +1,4 @@
-"""Train an AudioSet tagger on log-mel shards (thin entry point; the work is in audioset_dcls.training).
+"""Train an AudioSet tagger on log-mel shards (thin entry point; the work is in audioset_dcls.training.loop).
 
     accelerate launch [--multi_gpu --num_processes N] train.py --config configs/convnext_tiny_dcls.yaml \\
         data.train=/data/shards/train data.eval=/data/shards/eval [key=value ...] [--resume]
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-3 data.batch_size=64")
     args = p.parse_args(argv)
 
-    from audioset_dcls.checkpoint import CheckpointError
+    from audioset_dcls.hub.checkpoint import CheckpointError
     from audioset_dcls.config import ConfigError, load_config, to_yaml
     from audioset_dcls.data import DataError
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from audioset_dcls.preemption import EXIT_PREEMPTED, parse_stop_signals
-    from audioset_dcls.training import OutputError, train
+    from audioset_dcls.training.loop import OutputError, train
 
     try:
         summary = train(cfg)

@@ -17,11 +17,11 @@ def __getattr__(name):  # lazy: `import audioset_dcls` stays cheap (no timm impo
 
         return getattr(models, name)
     if name == "load_model":
-        from .checkpoint import load_model
+        from .hub.checkpoint import load_model
 
         return load_model
     if name == "load_pretrained":
-        from .pretrained import load_pretrained
+        from .hub.pretrained import load_pretrained
 
         return load_pretrained
     if name in ("FeatureConfig", "Normalization"):

@@ -1,4 +1,4 @@
-"""The one audio front end: decode -> mono -> 32 kHz -> pad/trim to 10 s -> log-mel (dB).
+"""The one audio front end: waveform (from :mod:`audioset_dcls.audio`) -> pad/trim to 10 s -> log-mel (dB).
 
 Shard building, training-time loading and inference all go through this module, so a clip gives
 the same features wherever it is seen. Settings follow the DCLS-Audio reference
@@ -11,32 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-import shutil
-import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
+
+from .audio.decode import load_audio
 
 __all__ = [
     "FeatureConfig",
     "Normalization",
     "REFERENCE_NORMALIZATION",
-    "AudioDecodeError",
-    "decode_audio",
-    "decode_mono",
-    "downmix",
-    "resample",
-    "load_audio",
-    "stream_audio",
-    "stream_pcm",
-    "to_mono_resampled",
     "pad_or_trim",
     "mel_filterbank",
     "used_bins",
@@ -106,254 +94,6 @@ class Normalization:
 # The reference's statistics (AUDIOSET_DEFAULT_MEAN / _STD of DCLS-Audio), which its published
 # weights expect and our configs use by default (data.normalization=reference).
 REFERENCE_NORMALIZATION = Normalization()
-
-
-class AudioDecodeError(RuntimeError):
-    """A file could not be decoded. ``str(err)`` is one line, ``"<path>: <reason>"``.
-
-    The fields carry what callers act on, so nothing parses the message: ``path`` (the file, or
-    a name such as ``"<array>"``), ``reason`` (the cause, one line) and ``kind``: ``"missing"``
-    (no such file), ``"empty"`` (0 bytes, or no samples) or ``"unreadable"`` (corrupt, an
-    unsupported format, no decoder for it, NaN or infinite samples).
-    """
-
-    KINDS = ("missing", "empty", "unreadable")
-
-    def __init__(self, path: str | Path, kind: str, reason: str):
-        if kind not in self.KINDS:
-            raise ValueError(f"AudioDecodeError kind must be one of {self.KINDS}, not {kind!r}")
-        super().__init__(f"{path}: {reason}")
-        self.path, self.kind, self.reason = str(path), kind, reason
-
-    def __reduce__(self):  # pickles (e.g. across processes) with its fields
-        return type(self), (self.path, self.kind, self.reason)
-
-
-# Containers libsndfile does not read; they go through ffmpeg when it is installed.
-_FFMPEG_SUFFIXES = {".m4a", ".mp4", ".aac", ".opus", ".webm", ".mkv", ".wma"}
-
-
-def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
-    """Decode through ffmpeg: mono float32 at the file's native rate (soxr resamples later)."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioDecodeError(
-            path, "unreadable", f"cannot decode {path.suffix or 'this'} audio without ffmpeg "
-            "(install it, e.g. `apt-get install ffmpeg`, or convert the file to flac/wav)"
-        )
-    proc = subprocess.run(
-        [ffmpeg, "-nostdin", "-hide_banner", "-i", str(path), "-map", "0:a:0", "-ac", "1",
-         "-f", "f32le", "-acodec", "pcm_f32le", "-"],
-        capture_output=True,
-    )
-    log = proc.stderr.decode(errors="replace")
-    if proc.returncode != 0:
-        lines = [ln for ln in log.strip().splitlines() if ln.strip()]
-        raise AudioDecodeError(path, "unreadable", f"ffmpeg failed: {lines[-1] if lines else 'unknown error'}")
-    # The input stream line, e.g. "Stream #0:0(und): Audio: aac (LC), 44100 Hz, stereo, fltp".
-    m = re.search(r"Stream #0:\d+.*?Audio:.*?(\d+) Hz", log)
-    if m is None:
-        raise AudioDecodeError(path, "unreadable", "ffmpeg found no audio stream")
-    return np.frombuffer(proc.stdout, dtype=np.float32).copy(), int(m.group(1))
-
-
-def _check_audio_file(path: str | Path) -> Path:
-    """The checks every decode path starts with: the file exists and is not empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioDecodeError(path, "missing", "no such file")
-    if path.stat().st_size == 0:
-        raise AudioDecodeError(path, "empty", "empty file (0 bytes)")
-    return path
-
-
-def _needs_ffmpeg(path: Path) -> bool:
-    return path.suffix.lower() in _FFMPEG_SUFFIXES
-
-
-def error_line(err: BaseException) -> str:
-    """The last line of an error's message (where libraries put the cause), or its type name."""
-    text = str(err).strip()
-    return text.splitlines()[-1] if text else type(err).__name__
-
-
-def _unreadable(path: Path, err: BaseException) -> AudioDecodeError:
-    """One-line error for a file libsndfile rejects (it raises several exception types)."""
-    return AudioDecodeError(path, "unreadable", f"unreadable audio ({error_line(err)})")
-
-
-def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Decode a file to float32 samples at its native rate.
-
-    Returns ``(samples, sample_rate)`` with samples of shape (N,) or (N, channels).
-    Raises AudioDecodeError (one line, naming the file) for a missing, empty or corrupt file.
-    """
-    path = _check_audio_file(path)
-    if _needs_ffmpeg(path):
-        data, sr = _decode_ffmpeg(path)
-    else:
-        try:
-            data, sr = sf.read(str(path), dtype="float32", always_2d=False)
-        except Exception as err:  # libsndfile reports corrupt/unknown files as several types
-            raise _unreadable(path, err) from None
-    _check_samples(path, data)
-    return data, int(sr)
-
-
-def _check_samples(path: Path, data: np.ndarray) -> None:
-    if data.size == 0:
-        raise AudioDecodeError(path, "empty", "no audio samples")
-    _check_finite(path, data)
-
-
-def _check_finite(path: Path, data: np.ndarray) -> None:
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        raise AudioDecodeError(path, "unreadable", "audio contains NaN or infinite samples")
-
-
-# PCM subtypes whose samples fit in int16 exactly (libsndfile scales 8-bit ones by 256).
-_INT16_SUBTYPES = {"PCM_16", "PCM_S8", "PCM_U8"}
-
-
-def decode_mono(path: str | Path) -> tuple[np.ndarray, int]:
-    """Decode a file and downmix it: ``(mono float32 (N,), native sample rate)``.
-
-    Equal, bit for bit, to ``downmix(decode_audio(path)[0])``, and faster for 8/16-bit PCM
-    (most downloaded AudioSet FLAC/WAV): those are read as int16 and summed in integers, so the
-    float32 stereo array (3.5 MB for 10 s at 44.1 kHz) is never made. Integer sums of up to 256
-    channels are exact in float32 and the 1/32768 scale is a power of two, hence the equality.
-    """
-    if _needs_ffmpeg(Path(path)):
-        return decode_audio(path)  # ffmpeg already downmixes
-    path = _check_audio_file(path)
-    try:
-        with sf.SoundFile(str(path)) as f:
-            sr = int(f.samplerate)
-            if f.subtype in _INT16_SUBTYPES and f.channels <= 256:
-                ints = f.read(dtype="int16", always_2d=True)  # (N, channels)
-            else:
-                ints, data = None, f.read(dtype="float32", always_2d=False)
-    except Exception as err:  # libsndfile reports corrupt/unknown files as several types
-        raise _unreadable(path, err) from None
-    if ints is None:
-        _check_samples(path, data)
-        return downmix(data), sr
-    _check_samples(path, ints)
-    mono = downmix(ints)  # exact integer sums, divided by the channel count
-    mono *= np.float32(1.0 / 32768.0)  # a power of two: commutes exactly with that division
-    return mono, sr
-
-
-def downmix(data: np.ndarray) -> np.ndarray:
-    """(N, C) or (N,) samples (float or integer) -> contiguous float32 mono (N,): the channel mean."""
-    if data.ndim == 2:
-        # Adding the channel columns is ~30x faster than ``data.mean(axis=1)`` on (N, 2) data
-        # (numpy reduces a short trailing axis slowly) and gives the same values for stereo.
-        mono = data[:, 0].astype(np.float32, copy=True)
-        for c in range(1, data.shape[1]):
-            mono += data[:, c]
-        if data.shape[1] > 1:
-            mono /= np.float32(data.shape[1])
-        data = mono
-    return np.ascontiguousarray(data, dtype=np.float32)
-
-
-def resample(mono: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
-    """Mono float32 (N,) at ``sr`` -> ``sample_rate`` with soxr HQ (no copy when the rates agree)."""
-    if sr == sample_rate:
-        return mono
-    return soxr.resample(mono, sr, sample_rate, quality="HQ").astype(np.float32, copy=False)
-
-
-def to_mono_resampled(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
-    """Downmix (N, C) or (N,) samples to mono and resample to ``sample_rate`` with soxr (HQ)."""
-    return resample(downmix(data), sr, sample_rate)
-
-
-def stream_audio(path: str | Path, sample_rate: int, block_seconds: float = 30.0) -> Iterator[np.ndarray]:
-    """Decode a file block by block to mono float32 at ``sample_rate``: yields (n,) arrays.
-
-    Concatenated, the blocks equal ``features.load_audio(path, sample_rate)`` (same downmix, same
-    soxr HQ resampler run as a stream). ffmpeg-only formats are decoded whole (one block).
-    Raises AudioDecodeError (one line, naming the file) for missing, empty or corrupt files.
-    """
-    path = _check_audio_file(path)
-    if _needs_ffmpeg(path):
-        data, sr = decode_audio(path)
-        yield to_mono_resampled(data, sr, sample_rate)
-        return
-    try:
-        f = sf.SoundFile(str(path))
-    except Exception as err:  # libsndfile reports corrupt/unknown files as several types
-        raise _unreadable(path, err) from None
-    with f:
-        sr = int(f.samplerate)
-        resampler = None if sr == sample_rate else soxr.ResampleStream(
-            sr, sample_rate, 1, dtype="float32", quality="HQ")
-        block = max(1, int(block_seconds * sr))
-        total = 0
-        while True:
-            try:
-                data = f.read(block, dtype="float32", always_2d=True)  # (n, channels)
-            except Exception as err:
-                raise _unreadable(path, err) from None
-            last = data.shape[0] < block
-            if data.shape[0]:
-                _check_finite(path, data)
-                # The front end's own downmix (row-wise, so independent of the block size);
-                # the stream below resamples.
-                mono = downmix(data)
-                total += mono.shape[0]
-            else:
-                mono = np.zeros(0, np.float32)
-            if resampler is not None:
-                mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
-            if mono.size:
-                yield np.ascontiguousarray(mono, dtype=np.float32)
-            if last:
-                break
-        if total == 0:
-            raise AudioDecodeError(path, "empty", "no audio samples")
-
-
-def stream_pcm(stream: Any, rate: int, channels: int, sample_rate: int, block_bytes: int = 1 << 16
-               ) -> Iterator[np.ndarray]:
-    """Raw interleaved signed 16-bit little-endian PCM (``arecord -f S16_LE``, ``ffmpeg -f s16le``)
-    from a binary stream, **as it arrives**, to mono float32 blocks (n,) at ``sample_rate``.
-
-    Each read returns what the stream has (``read1``), so a live source is never waited on for a
-    full block. Samples become floats exactly as soundfile reads 16-bit files (``/ 32768``) and go
-    through the same downmix and streaming soxr HQ resampler as :func:`stream_audio`: the same
-    samples give the same blocks' concatenation as a 16-bit WAV file of them. A partial frame
-    left at the end of input is dropped. Ends at end of input.
-    """
-    if rate < 1 or channels < 1:
-        raise ValueError(f"--rate and --channels must be >= 1, got {rate} and {channels}")
-    read = getattr(stream, "read1", stream.read)
-    frame = 2 * channels
-    resampler = None if rate == sample_rate else soxr.ResampleStream(rate, sample_rate, 1, dtype="float32",
-                                                                     quality="HQ")
-    rest = b""
-    while True:
-        chunk = read(block_bytes)
-        last = not chunk
-        data = rest + chunk
-        usable = len(data) // frame * frame
-        rest = data[usable:]
-        ints = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, channels)
-        mono = downmix(ints.astype(np.float32) * np.float32(1.0 / 32768.0))
-        if resampler is not None:
-            mono = resampler.resample_chunk(mono, last=last)
-        if mono.size:
-            yield np.ascontiguousarray(mono, dtype=np.float32)
-        if last:
-            return
-
-
-def load_audio(path: str | Path, sample_rate: int = 32000) -> np.ndarray:
-    """Decode any supported file to mono float32 at ``sample_rate``, full length: (N,)."""
-    mono, sr = decode_mono(path)
-    return resample(mono, sr, sample_rate)
 
 
 def pad_or_trim(wave: np.ndarray | torch.Tensor, num_samples: int):

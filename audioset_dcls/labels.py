@@ -37,9 +37,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .shards import clip_key
-
 __all__ = [
+    "clip_key",
     "LabelError",
     "LabelSet",
     "Segment",
@@ -56,6 +55,12 @@ __all__ = [
     "resolve_pattern",
     "candidate_stems",
 ]
+
+
+def clip_key(ytid: str, start: float) -> str:
+    """Sample key of one segment: ``<ytid>_<start in integer milliseconds>``."""
+    return f"{ytid}_{int(round(float(start) * 1000))}"
+
 
 # Suffixes an AudioSet downloader produces (libsndfile formats + ffmpeg-only containers).
 AUDIO_EXTENSIONS = frozenset(

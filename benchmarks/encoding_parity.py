@@ -5,7 +5,7 @@
 Builds the synthetic mini AudioSet (``audioset_dcls.synthetic``, 10 s clips) as uint8 and as
 float16 shards from the same audio, trains the tiny model (``configs/tiny.yaml``, ``train.py``) on
 each with the same seeds, and evaluates every checkpoint on both eval sets with
-``audioset_dcls.evaluate`` (``predict_clips`` + ``compute_metrics``, the training loop's own
+``audioset_dcls.training.evaluate`` (``predict_clips`` + ``compute_metrics``, the training loop's own
 evaluation). Prints:
 
 - the same checkpoint scored on uint8 vs float16 eval shards of the same clips: the mAP
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_sets(root: Path, num_train: int, num_eval: int) -> dict[str, dict[str, Path]]:
     """{encoding: {"train": dir, "eval": dir}} of the same mini AudioSet clips."""
-    from audioset_dcls.shard_build import BuildOptions, build_shards
+    from audioset_dcls.shards.build import BuildOptions, build_shards
     from audioset_dcls.synthetic import make_mini_audioset
 
     ds = make_mini_audioset(root / "audio", num_train=num_train, num_eval=num_eval, broken=False)
@@ -57,9 +57,9 @@ def score(checkpoint: Path, eval_dirs: dict[str, Path]) -> dict[str, dict]:
     """The checkpoint's evaluation on each eval set: {encoding: metrics + per-clip scores}."""
     from accelerate import Accelerator
 
-    from audioset_dcls.checkpoint import load_model
+    from audioset_dcls.hub.checkpoint import load_model
     from audioset_dcls.data import open_shard_set
-    from audioset_dcls.evaluate import compute_metrics, predict_clips
+    from audioset_dcls.training.evaluate import compute_metrics, predict_clips
 
     accelerator = Accelerator(cpu=True)
     model, info = load_model(checkpoint)

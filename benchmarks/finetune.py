@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from audioset_dcls.features import FeatureConfig  # noqa: E402
-from audioset_dcls.shard_build import BuildOptions, build_shards  # noqa: E402
+from audioset_dcls.shards.build import BuildOptions, build_shards  # noqa: E402
 from audioset_dcls.synthetic import make_mini_audioset, make_own_dataset  # noqa: E402
 
 

@@ -71,7 +71,7 @@ def _current_rss_mb() -> float:
 def _write_checkpoint(model_name: str, folder: Path, num_classes: int = 527) -> Path:
     import torch
 
-    from audioset_dcls.checkpoint import CheckpointInfo, save_inference_checkpoint
+    from audioset_dcls.hub.checkpoint import CheckpointInfo, save_inference_checkpoint
     from audioset_dcls.models import create_model
 
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def bench_models(args: argparse.Namespace, folder: Path) -> None:
     change in the load from other processes hits every form alike and the ratios stay fair."""
     import torch
 
-    from audioset_dcls.checkpoint import load_model
+    from audioset_dcls.hub.checkpoint import load_model
     from audioset_dcls.features import FeatureConfig, LogMel
 
     cfg = FeatureConfig()
@@ -144,7 +144,7 @@ def long_worker(ckpt: str, audio: str, threads: int, hop: float, batch: int, pre
     peak CUDA memory on a GPU)."""
     import torch
 
-    from audioset_dcls.tagging import Tagger
+    from audioset_dcls.tagging.tagger import Tagger
 
     t0 = time.perf_counter()
     tagger = Tagger.from_checkpoint(ckpt, device=device, threads=threads, hop_seconds=hop, batch_size=batch,
@@ -229,7 +229,7 @@ def bench_stdin(args: argparse.Namespace, folder: Path) -> None:
     # The floor: one window's front end + model in this process, at batch 1, under the same load.
     import torch
 
-    from audioset_dcls.tagging import Tagger
+    from audioset_dcls.tagging.tagger import Tagger
 
     tagger = Tagger.from_checkpoint(ckpt, device=args.device, threads=args.threads, precision=args.precision)
     wave = torch.zeros(1, tagger.features.clip_samples)

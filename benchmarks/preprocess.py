@@ -6,7 +6,7 @@ Writes ``--clips`` 10 s 44.1 kHz stereo FLAC files (noise + tones), then measure
 files, one thread per process (page cache warm):
 
 - the floor: a bare ``soundfile.read(path, dtype="float32")`` of each file;
-- per stage, in this process: decode + downmix (``features.decode_mono``), soxr HQ resample,
+- per stage, in this process: decode + downmix (``audio.decode_mono``), soxr HQ resample,
   log-mel, write (``encode_sample`` with the default uint8 encoding + tar);
 - naive: ``librosa.load(sr=32000)`` + ``librosa.feature.melspectrogram`` + ``power_to_db``;
 - the builder (``build_shards``: workers, IPC, tar writing, sha256) with 1 and 2 workers, per
@@ -41,14 +41,11 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from audioset_dcls import features  # noqa: E402
-from audioset_dcls.shard_build import (  # noqa: E402
-    BuildOptions,
-    ShardWriter,
-    build_shards,
-    keep_freed_memory,
-)
-from audioset_dcls.shards import decode_sample, encode_logmel, encode_sample  # noqa: E402
+from audioset_dcls import audio, features  # noqa: E402
+from audioset_dcls.shards.build import BuildOptions, build_shards  # noqa: E402
+from audioset_dcls.shards.worker import keep_freed_memory  # noqa: E402
+from audioset_dcls.shards.writer import ShardWriter  # noqa: E402
+from audioset_dcls.shards.format import decode_sample, encode_logmel, encode_sample  # noqa: E402
 from benchmarks.clips import write_realistic_clips  # noqa: E402
 
 
@@ -86,9 +83,9 @@ def time_stages(paths: list[Path], out: Path, clock=time.perf_counter) -> dict[s
     writer = ShardWriter(out / "stages.tar")
     for i, path in enumerate(paths):
         t0 = clock()
-        mono, sr = features.decode_mono(path)
+        mono, sr = audio.decode_mono(path)
         t1 = clock()
-        wave = features.resample(mono, sr, cfg.sample_rate)
+        wave = audio.resample(mono, sr, cfg.sample_rate)
         t2 = clock()
         logmel = features.compute_logmel(wave, cfg)
         t3 = clock()

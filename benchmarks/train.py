@@ -44,7 +44,7 @@ from audioset_dcls.models import list_models  # noqa: E402
 
 
 def build_synthetic_shards(root: Path, num_train: int) -> Path:
-    from audioset_dcls.shard_build import BuildOptions, build_shards
+    from audioset_dcls.shards.build import BuildOptions, build_shards
     from audioset_dcls.synthetic import make_mini_audioset
 
     ds = make_mini_audioset(root / "audio", num_train=num_train, num_eval=1, broken=False)
@@ -60,7 +60,7 @@ def compare_encodings(root: Path, clips: int, batch_size: int, batches: int, rou
     """uint8 vs float16 shards of the same clips: bytes per clip and loader samples/s per worker."""
     from statistics import median
 
-    from audioset_dcls.shard_build import BuildOptions, build_shards
+    from audioset_dcls.shards.build import BuildOptions, build_shards
     from benchmarks.clips import write_realistic_dataset
 
     segments, labels, audio, _, espeak = write_realistic_dataset(root / "real", clips)

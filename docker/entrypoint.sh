@@ -4,9 +4,9 @@
 #   train ARGS         -> accelerate launch $ACCELERATE_ARGS train.py ARGS
 #                         (ACCELERATE_ARGS e.g. "--multi_gpu --num_processes 8 --mixed_precision bf16")
 #   tag ARGS           -> python infer.py ARGS
-#   evaluate ARGS      -> accelerate launch $ACCELERATE_ARGS -m audioset_dcls.evaluate ARGS
-#   convert ARGS       -> python -m audioset_dcls.convert_reference ARGS
-#   export ARGS        -> python -m audioset_dcls.export ARGS
+#   evaluate ARGS      -> accelerate launch $ACCELERATE_ARGS -m audioset_dcls.training.evaluate ARGS
+#   convert ARGS       -> python -m audioset_dcls.hub.convert_reference ARGS
+#   export ARGS        -> python -m audioset_dcls.tagging.export ARGS
 #   example            -> the built-in example (synthetic data -> shards -> train -> tag) under /runs
 set -euo pipefail
 cd /opt/audioset-dcls
@@ -21,9 +21,9 @@ case "$cmd" in
   tag) exec python infer.py "$@" ;;
   evaluate)
     # shellcheck disable=SC2086
-    exec accelerate launch ${ACCELERATE_ARGS:-} -m audioset_dcls.evaluate "$@" ;;
-  convert) exec python -m audioset_dcls.convert_reference "$@" ;;
-  export) exec python -m audioset_dcls.export "$@" ;;
+    exec accelerate launch ${ACCELERATE_ARGS:-} -m audioset_dcls.training.evaluate "$@" ;;
+  convert) exec python -m audioset_dcls.hub.convert_reference "$@" ;;
+  export) exec python -m audioset_dcls.tagging.export "$@" ;;
   example) exec bash scripts/example.sh "${1:-/runs/example}" ;;
   help|--help|-h)
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;

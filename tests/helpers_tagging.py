@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audioset_dcls.checkpoint import CheckpointInfo, save_inference_checkpoint
+from audioset_dcls.hub.checkpoint import CheckpointInfo, save_inference_checkpoint
 from audioset_dcls.models import create_model
 from audioset_dcls.synthetic import CLASSES, synthesize_clip
 

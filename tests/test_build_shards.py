@@ -21,14 +21,10 @@ from audioset_dcls import features
 from audioset_dcls.labels import read_label_set, read_segment_files
 from audioset_dcls.data import build_eval_loader, open_shard_set
 from audioset_dcls.features import Normalization
-from audioset_dcls.shards import LogmelEncoding, decode_sample, hash_ids, list_shards, read_manifest, sha256_file
-from preprocessing.build_shards import (
-    BuildOptions,
-    build_shards,
-    main,
-    order_segments,
-    part_shard_range,
-)
+from audioset_dcls.shards.format import LogmelEncoding, decode_sample, hash_ids, list_shards, read_manifest, sha256_file
+from audioset_dcls.shards.build import BuildOptions, build_shards
+from audioset_dcls.shards.cli import main
+from audioset_dcls.shards.plan import order_segments, part_shard_range
 
 CLASSES = [("/m/09x0r", "Speech"), ("/m/05zppz", "Male speech, man speaking"), ("/m/04rlf", "Music"),
            ("/m/068hy", "Domestic animals, pets"), ("/m/0jbk", "Animal")]
@@ -429,7 +425,7 @@ def test_keep_freed_memory_stops_per_buffer_page_faults():
     code = """
 import resource, sys
 import numpy as np
-from preprocessing.build_shards import keep_freed_memory
+from audioset_dcls.shards.worker import keep_freed_memory
 MB = 1 << 20
 def clip():
     bufs = [np.ones(int(mb * MB), np.uint8) for mb in (3.5, 1.7, 1.3, 4.1, 1.8, 1.8, 1.8, 0.5)]

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from audioset_dcls import load_model
-from audioset_dcls.checkpoint import read_checkpoint_info
-from audioset_dcls.convert_reference import (
+from audioset_dcls.hub.checkpoint import read_checkpoint_info
+from audioset_dcls.hub.convert_reference import (
     REFERENCE_MODELS,
     ConversionError,
     convert_state_dict,
@@ -349,7 +349,7 @@ def test_unequal_copies_of_shared_dcls_tensors_are_refused():
 
 
 def test_real_audioset_class_index_gives_527_names_in_order(audioset_meta):
-    from audioset_dcls.convert_reference import _read_labels
+    from audioset_dcls.hub.convert_reference import _read_labels
 
     labels = _read_labels(audioset_meta / "class_labels_indices.csv", NUM_CLASSES)
     assert len(labels) == NUM_CLASSES

@@ -24,7 +24,7 @@ from audioset_dcls.data import (
     train_batches_per_rank,
 )
 from audioset_dcls.features import FeatureConfig, Normalization
-from audioset_dcls.shards import LOGMEL_EXT, LOGMEL_U8_EXT, encode_sample, hash_ids, read_manifest, sha256_file
+from audioset_dcls.shards.format import LOGMEL_EXT, LOGMEL_U8_EXT, encode_sample, hash_ids, read_manifest, sha256_file
 from train_shards import session_shards, write_direct_shards
 
 
@@ -248,7 +248,7 @@ def test_loaders_read_both_encodings_alike(tmp_path, shards):
 
 
 def test_damaged_shards_are_one_line_before_training_and_the_command_it_names_repairs_them(tmp_path, shards):
-    from preprocessing.build_shards import BuildOptions, build_shards
+    from audioset_dcls.shards.build import BuildOptions, build_shards
 
     train_dir, _ = shards
     d = tmp_path / "train"

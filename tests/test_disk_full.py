@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from audioset_dcls.config import load_config
-from audioset_dcls.evaluate import append_jsonl
-from audioset_dcls.training import OutputError, find_checkpoint
+from audioset_dcls.training.evaluate import append_jsonl
+from audioset_dcls.training.loop import OutputError, find_checkpoint
 from test_train import REPO, run_train
 from train_shards import session_shards
 
@@ -84,7 +84,7 @@ def test_results_file_is_never_left_with_half_a_line(small_disk):
 def test_disk_full_while_writing_eval_results_is_one_error_and_resume_keeps_its_checkpoint(
         tmp_path, tmp_path_factory, monkeypatch):
     """In process, one process: the per-class table of the first evaluation fails with ENOSPC."""
-    import audioset_dcls.training as training
+    import audioset_dcls.training.loop as training
 
     def no_space(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -77,9 +77,9 @@ def test_entrypoint_is_valid_bash():
         ("build-shards", [sys.executable, "-m", "preprocessing.build_shards", "--help"]),
         ("train", [sys.executable, "train.py", "--help"]),
         ("tag", [sys.executable, "infer.py", "--help"]),
-        ("evaluate", [sys.executable, "-m", "audioset_dcls.evaluate", "--help"]),
-        ("convert", [sys.executable, "-m", "audioset_dcls.convert_reference", "--help"]),
-        ("export", [sys.executable, "-m", "audioset_dcls.export", "--help"]),
+        ("evaluate", [sys.executable, "-m", "audioset_dcls.training.evaluate", "--help"]),
+        ("convert", [sys.executable, "-m", "audioset_dcls.hub.convert_reference", "--help"]),
+        ("export", [sys.executable, "-m", "audioset_dcls.tagging.export", "--help"]),
     ],
 )
 def test_entrypoint_subcommands_match_real_cli(sub, argv):

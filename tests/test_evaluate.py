@@ -1,4 +1,4 @@
-"""python -m audioset_dcls.evaluate: segment coverage, outputs, and inputs it must refuse.
+"""python -m audioset_dcls.training.evaluate: segment coverage, outputs, and inputs it must refuse.
 
 That its numbers are the training loop's (alone and under a 2-process launch) is checked on a
 trained run in tests/test_train.py; here a random-weight checkpoint with the shards' front end
@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from audioset_dcls.checkpoint import CheckpointInfo, save_inference_checkpoint
-from audioset_dcls.evaluate import ClipScores, append_jsonl, main, segment_coverage
+from audioset_dcls.hub.checkpoint import CheckpointInfo, save_inference_checkpoint
+from audioset_dcls.training.evaluate import ClipScores, append_jsonl, main, segment_coverage
 from audioset_dcls.features import FeatureConfig
 from audioset_dcls.labels import read_segments
 from audioset_dcls.metrics import tagging_metrics
 from audioset_dcls.models import create_model
-from audioset_dcls.shards import hash_ids, read_manifest
+from audioset_dcls.shards.format import hash_ids, read_manifest
 from helpers_tagging import LABELS, write_checkpoint
 from train_shards import session_shards
 

@@ -12,7 +12,7 @@ import io
 import numpy as np
 import pytest
 
-from audioset_dcls.events import EventTracker, audacity_labels, detect_events
+from audioset_dcls.tagging.events import EventTracker, audacity_labels, detect_events
 
 LABELS = [{"mid": "/x/a", "name": "A"}, {"mid": "/x/b", "name": "B b"}]
 

@@ -13,10 +13,11 @@ import torch
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'audioset-dcls[export]')")
 ort = pytest.importorskip("onnxruntime", reason="the export check needs onnxruntime (pip install 'audioset-dcls[export]')")
 
-from audioset_dcls.checkpoint import load_model  # noqa: E402
-from audioset_dcls.export import export_onnx, main  # noqa: E402
-from audioset_dcls.features import compute_logmel, load_audio  # noqa: E402
-from audioset_dcls.tagging import Tagger  # noqa: E402
+from audioset_dcls.hub.checkpoint import load_model  # noqa: E402
+from audioset_dcls.tagging.export import export_onnx, main  # noqa: E402
+from audioset_dcls.audio import load_audio  # noqa: E402
+from audioset_dcls.features import compute_logmel  # noqa: E402
+from audioset_dcls.tagging.tagger import Tagger  # noqa: E402
 from helpers_tagging import LABELS, write_audio, write_checkpoint  # noqa: E402
 
 

@@ -12,8 +12,9 @@ import soundfile as sf
 import soxr
 import torch
 
-from audioset_dcls import features
-from audioset_dcls.features import AudioDecodeError, FeatureConfig, LogMel, compute_logmel
+from audioset_dcls import audio, features
+from audioset_dcls.audio import AudioDecodeError
+from audioset_dcls.features import FeatureConfig, LogMel, compute_logmel
 
 CFG = FeatureConfig()
 
@@ -134,10 +135,10 @@ def test_stereo_file_is_downmixed(tmp_path):
     left, right = _noise(2.0, 32000, seed=3), _tone(2.0, 32000)
     path = tmp_path / "stereo.wav"
     sf.write(path, np.stack([left, right], axis=1), 32000, subtype="FLOAT")
-    mono = features.load_audio(path, 32000)
+    mono = audio.load_audio(path, 32000)
     np.testing.assert_allclose(mono, (left + right) / 2, atol=1e-7)
     three = np.stack([left, right, left * 0.5], axis=1)
-    np.testing.assert_allclose(features.to_mono_resampled(three, 32000, 32000), three.mean(axis=1), atol=1e-7)
+    np.testing.assert_allclose(audio.to_mono_resampled(three, 32000, 32000), three.mean(axis=1), atol=1e-7)
 
 
 @pytest.mark.parametrize("subtype,channels,fmt", [
@@ -151,10 +152,10 @@ def test_decode_mono_equals_float_decode_then_downmix(tmp_path, subtype, channel
     x[:50] = [1.0] + [-1.0] * (channels - 1)  # full scale, where rounding would show first
     path = tmp_path / f"clip.{fmt.lower()}"
     sf.write(path, x, 44100, format=fmt, subtype=subtype)
-    mono, sr = features.decode_mono(path)
-    data, sr_ref = features.decode_audio(path)
+    mono, sr = audio.decode_mono(path)
+    data, sr_ref = audio.decode_audio(path)
     assert sr == sr_ref == 44100 and mono.dtype == np.float32 and mono.shape == (44100,)
-    np.testing.assert_array_equal(mono, features.downmix(data))
+    np.testing.assert_array_equal(mono, audio.downmix(data))
     if channels == 6:  # sanity: it really is the channel mean
         np.testing.assert_allclose(mono, data.mean(axis=1), atol=1e-6)
 
@@ -163,7 +164,7 @@ def test_decode_mono_equals_float_decode_then_downmix(tmp_path, subtype, channel
 def test_resampling_to_32k(tmp_path, sr):
     path = tmp_path / f"tone_{sr}.flac"
     sf.write(path, _tone(2.0, sr, freq=440.0), sr, subtype="PCM_24")
-    wave = features.load_audio(path, 32000)
+    wave = audio.load_audio(path, 32000)
     assert wave.dtype == np.float32 and wave.shape == (64000,)
     ref = _tone(2.0, 32000, freq=440.0)
     # soxr HQ: the 440 Hz tone survives intact away from the edges
@@ -190,7 +191,7 @@ def test_decode_errors_are_one_line_name_the_file_and_carry_their_kind(tmp_path)
     missing = tmp_path / "missing.wav"
     for path, kind, words in [(corrupt, "unreadable", "unreadable"), (empty, "empty", "empty"),
                               (no_samples, "empty", "no audio samples"), (missing, "missing", "no such file")]:
-        for decode in (features.load_audio, features.decode_audio, lambda p: list(features.stream_audio(p, 32000))):
+        for decode in (audio.load_audio, audio.decode_audio, lambda p: list(audio.stream_audio(p, 32000))):
             with pytest.raises(AudioDecodeError) as info:
                 decode(path)
             err = info.value
@@ -206,7 +207,7 @@ def test_m4a_without_ffmpeg_gives_a_clear_error(tmp_path):
     path = tmp_path / "clip.m4a"
     path.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(100))
     with pytest.raises(AudioDecodeError) as info:
-        features.load_audio(path)
+        audio.load_audio(path)
     msg = str(info.value)
     assert str(path) in msg and "ffmpeg" in msg and "\n" not in msg
     assert info.value.kind == "unreadable"

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audioset_dcls.checkpoint import CheckpointError, read_checkpoint_info
+from audioset_dcls.hub.checkpoint import CheckpointError, read_checkpoint_info
 from audioset_dcls.config import ConfigError, load_config
-from audioset_dcls.finetune import read_init_weights
-from audioset_dcls.shards import read_manifest
+from audioset_dcls.training.finetune import read_init_weights
+from audioset_dcls.shards.format import read_manifest
 from test_train import check, run_train
 from train_shards import own_shards, session_shards
 
@@ -53,7 +53,7 @@ def fine_tune_config(tmp_path_factory, out: Path, *overrides: str):
 
 def test_init_loads_the_backbone_and_reinitialises_the_head(source, tmp_path_factory, tmp_path,
                                                             fresh_accelerate_state):
-    from audioset_dcls.training import setup_training
+    from audioset_dcls.training.loop import setup_training
 
     src = load_file(str(source / "model.safetensors"))
     for init in (source / "model.safetensors", source / "checkpoints"):  # inference / training checkpoint
@@ -72,7 +72,7 @@ def test_init_loads_the_backbone_and_reinitialises_the_head(source, tmp_path_fac
 
 def test_init_refuses_another_backbone_and_a_missing_source(source, tmp_path_factory, tmp_path,
                                                            fresh_accelerate_state):
-    from audioset_dcls.training import setup_training
+    from audioset_dcls.training.loop import setup_training
 
     cfg = fine_tune_config(tmp_path_factory, tmp_path / "a", f"model.init={source / 'model.safetensors'}",
                            "model.name=convnext_atto_dcls")
@@ -81,7 +81,7 @@ def test_init_refuses_another_backbone_and_a_missing_source(source, tmp_path_fac
     assert str(info.value).endswith("set model.name=convnext_atto") and "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match="no such file or directory, and not a published model"):
         setup_training(fine_tune_config(tmp_path_factory, tmp_path / "b", f"model.init={tmp_path / 'nope'}"))
-    # a published name resolves through audioset_dcls.pretrained (here: offline, empty cache)
+    # a published name resolves through audioset_dcls.hub.pretrained (here: offline, empty cache)
     with pytest.raises(CheckpointError, match=r"^model.init=convnext_tiny_dcls: .*offline") as info:
         setup_training(fine_tune_config(tmp_path_factory, tmp_path / "d", "model.init=convnext_tiny_dcls"))
     assert "\n" not in str(info.value)
@@ -89,7 +89,7 @@ def test_init_refuses_another_backbone_and_a_missing_source(source, tmp_path_fac
     from audioset_dcls.data import DataError
 
     other = tmp_path / "other_eval"
-    from audioset_dcls.shard_build import BuildOptions, build_shards
+    from audioset_dcls.shards.build import BuildOptions, build_shards
 
     train_dir, _ = own_shards(tmp_path_factory)
     clips = tmp_path_factory.getbasetemp() / "own_data" / "audio" / "clips"
@@ -107,7 +107,7 @@ def test_init_refuses_another_backbone_and_a_missing_source(source, tmp_path_fac
 
 
 def test_linear_probe_trains_only_the_head(source, tmp_path_factory, tmp_path, fresh_accelerate_state):
-    from audioset_dcls.training import train
+    from audioset_dcls.training.loop import train
 
     out = tmp_path / "probe"
     summary = train(fine_tune_config(tmp_path_factory, out, f"model.init={source / 'model.safetensors'}",
@@ -125,7 +125,7 @@ def test_linear_probe_trains_only_the_head(source, tmp_path_factory, tmp_path, f
 
 def test_single_label_loss_is_cross_entropy_on_soft_targets_and_auto_task(tmp_path_factory):
     from audioset_dcls.data import open_shard_set
-    from audioset_dcls.training import compute_loss, resolve_task
+    from audioset_dcls.training.loop import compute_loss, resolve_task
 
     logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
     y = torch.eye(5)[[0, 3, 1, 1]] * 0.9 + 0.1 / 5  # label smoothing keeps rows distributions
@@ -175,7 +175,7 @@ def test_two_process_fine_tune_is_single_label_with_accuracy(finetuned):
 
 
 def test_the_tagger_says_the_new_label_names_with_softmax_scores(finetuned, tmp_path_factory, capsys):
-    from audioset_dcls.tagging_cli import main as tag_main
+    from audioset_dcls.tagging.cli import main as tag_main
 
     out, _ = finetuned
     clip = tmp_path_factory.getbasetemp() / "own_data" / "audio" / "clips" / "siren" / "001.flac"

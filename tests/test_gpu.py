@@ -104,7 +104,7 @@ def test_bf16_training_checkpoints_resumes_and_evaluates_on_the_device(device, t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] and summary["step"] == 8 and summary["eval"]["num_clips"] > 0
     assert all(map(lambda v: v == v, [summary["loss_first"], summary["loss_last"]]))  # not NaN
-    ev = subprocess.run([sys.executable, "-m", "audioset_dcls.evaluate", "--checkpoint", str(out / "model.safetensors"),
+    ev = subprocess.run([sys.executable, "-m", "audioset_dcls.training.evaluate", "--checkpoint", str(out / "model.safetensors"),
                          "--shards", str(eval_dir), "--output", str(tmp_path / "ev.json"), "--workers", "2"],
                         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-3000:]

@@ -20,9 +20,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from audioset_dcls.checkpoint import read_checkpoint_info
+from audioset_dcls.hub.checkpoint import read_checkpoint_info
 from audioset_dcls.synthetic import synthesize_events
-from audioset_dcls.tagging import Tagger
+from audioset_dcls.tagging.tagger import Tagger
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

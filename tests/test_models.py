@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from audioset_dcls.checkpoint import CheckpointInfo, load_model, save_inference_checkpoint
+from audioset_dcls.hub.checkpoint import CheckpointInfo, load_model, save_inference_checkpoint
 from audioset_dcls.models import (
     DclsConv2d,
     create_model,

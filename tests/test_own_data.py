@@ -13,10 +13,10 @@ import soundfile as sf
 
 from audioset_dcls.features import FeatureConfig
 from audioset_dcls.labels import LabelError
-from audioset_dcls.shard_build import BuildError, BuildOptions, build_shards, format_summary
-from audioset_dcls.shards import decode_sample, read_manifest
+from audioset_dcls.shards.build import BuildError, BuildOptions, build_shards, format_summary
+from audioset_dcls.shards.format import decode_sample, read_manifest
 from audioset_dcls.synthetic import make_own_dataset, synthesize_clip
-from preprocessing.build_shards import main as build_main
+from audioset_dcls.shards.cli import main as build_main
 
 CFG = FeatureConfig(clip_seconds=2.0)
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import audioset_dcls
-from audioset_dcls.checkpoint import read_checkpoint_info
+from audioset_dcls.hub.checkpoint import read_checkpoint_info
 from audioset_dcls.labels import audioset_label_set
-from audioset_dcls.pretrained import (
+from audioset_dcls.hub.pretrained import (
     PUBLISHED_MODELS,
     DownloadError,
     PretrainedError,
@@ -31,8 +31,8 @@ from audioset_dcls.pretrained import (
     download_file,
     fetch_pretrained,
 )
-from audioset_dcls.pretrained import main as pretrained_main
-from audioset_dcls.tagging import Tagger
+from audioset_dcls.hub.pretrained import main as pretrained_main
+from audioset_dcls.tagging.tagger import Tagger
 from helpers_tagging import write_audio
 from test_convert_reference import random_reference_state_dict, save_reference_checkpoint
 from weights_server import WeightsServer
@@ -236,7 +236,7 @@ def test_concurrent_first_uses_download_once(published, cache, tmp_path):
     """Two processes ask for the model at once (as the ranks of a launch do): one downloads and
     converts, the other waits for it and reads the cache."""
     data, _ = published
-    code = ("import sys; from audioset_dcls.pretrained import fetch_pretrained; "
+    code = ("import sys; from audioset_dcls.hub.pretrained import fetch_pretrained; "
             f"print(fetch_pretrained({NAME!r}, retry_wait=0))")
     with WeightsServer({PATH: data}, delay=1.0) as server:
         env = dict(os.environ, AUDIOSET_DCLS_CACHE=str(cache), AUDIOSET_DCLS_WEIGHTS_URL=server.url,

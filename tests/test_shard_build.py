@@ -1,4 +1,4 @@
-"""The shard builder as a library (audioset_dcls.shard_build): skip kinds carried as data, and
+"""The shard builder as a library (audioset_dcls.shards): skip kinds carried as data, and
 folders planned by an older builder. The command line is tested in test_build_shards.py."""
 
 from __future__ import annotations
@@ -13,17 +13,10 @@ import pytest
 import soundfile as sf
 
 from audioset_dcls.features import FeatureConfig
-from audioset_dcls.shard_build import (
-    BuildError,
-    BuildOptions,
-    ClipTask,
-    build_shards,
-    format_summary,
-    merge_shards,
-    process_clip,
-)
-from audioset_dcls.shard_build.plan import PLAN_FORMAT
-from audioset_dcls.shards import decode_sample, read_manifest
+from audioset_dcls.shards.build import BuildError, BuildOptions, build_shards, format_summary, merge_shards
+from audioset_dcls.shards.worker import ClipTask, process_clip
+from audioset_dcls.shards.plan import PLAN_FORMAT
+from audioset_dcls.shards.format import decode_sample, read_manifest
 
 CFG = FeatureConfig(clip_seconds=1.0)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from audioset_dcls.shards import (
+from audioset_dcls.shards.format import (
     LOGMEL_EXT,
     LOGMEL_U8_EXT,
     LogmelEncoding,
@@ -67,7 +67,7 @@ def test_a_sample_written_before_encodings_existed_still_decodes():
     np.save(buf, x.astype(np.float16))  # what encode_sample wrote before encodings existed
     s = decode_sample({"__key__": "old_0", LOGMEL_EXT: buf.getvalue(), "json": b'{"labels": [2]}'})
     assert np.array_equal(s.logmel, x.astype(np.float16).astype(np.float32)) and s.labels == [2]
-    assert manifest_encoding({"format": "audioset_dcls.shards/1"}) == LogmelEncoding("float16")
+    assert manifest_encoding({"format": "audioset_dcls.shards.format/1"}) == LogmelEncoding("float16")
 
 
 def test_malformed_uint8_members_are_one_line_errors():

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from audioset_dcls.features import AudioDecodeError, compute_logmel, load_audio
+from audioset_dcls.audio import AudioDecodeError, load_audio
+from audioset_dcls.features import compute_logmel
 from audioset_dcls.models.dcls import DclsConv2d
-from audioset_dcls.tagging import (
+from audioset_dcls.tagging.tagger import (
     SlidingWindows,
     Tagger,
     TagFailure,
@@ -146,7 +147,7 @@ def test_window_logmel_equals_training_features(tmp_path, tagger):
 
 def test_scores_equal_model_on_training_features(checkpoint, audio_dir):
     """End to end for a short clip: tagger score == sigmoid(model(normalised compute_logmel))."""
-    from audioset_dcls.checkpoint import load_model
+    from audioset_dcls.hub.checkpoint import load_model
 
     tagger = Tagger.from_checkpoint(checkpoint, device="cpu")
     model, info = load_model(checkpoint, bake=True)
@@ -397,7 +398,7 @@ def test_shard_features_equal_tagger_features(tagger, audio_dir, name):
     the tagger's first window of the same file cast to float16: training and tagging see the same
     features. (The 12 s file's shard is its first 10 s, which is the tagger's first window.)"""
     build = pytest.importorskip("preprocessing.build_shards", reason="the shard builder is not in this checkout")
-    from audioset_dcls.shards import LogmelEncoding, decode_sample
+    from audioset_dcls.shards.format import LogmelEncoding, decode_sample
 
     path = audio_dir / name
     result = build.process_clip(build.ClipTask(key="clip", path=str(path), labels=(1,), ytid="x", start=0.0, end=10.0),

@@ -28,11 +28,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audioset_dcls.checkpoint import load_model, read_checkpoint_info
+from audioset_dcls.hub.checkpoint import load_model, read_checkpoint_info
 from audioset_dcls.config import Config, ConfigError, apply_overrides
-from audioset_dcls.shards import read_manifest
+from audioset_dcls.shards.format import read_manifest
 from audioset_dcls.synthetic import CLASSES
-from audioset_dcls.training import build_optimizer, find_checkpoint, gradient_accumulation_steps, lr_at
+from audioset_dcls.training.loop import build_optimizer, find_checkpoint, gradient_accumulation_steps, lr_at
 from train_shards import session_shards, train_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,13 +339,13 @@ def test_final_checkpoint_describes_itself(runs):
 
 
 def test_evaluate_on_the_exported_model_reproduces_the_training_eval(runs):
-    """audioset_dcls.evaluate, the one definition, run in this process on the exported weights,
+    """audioset_dcls.training.evaluate, the one definition, run in this process on the exported weights,
     gives the 2-process run's final eval to the last bit (same batches: 2 workers here read the
     shards the 2 ranks read there)."""
     from accelerate import Accelerator
 
     from audioset_dcls.data import open_shard_set
-    from audioset_dcls.evaluate import evaluate, summarize
+    from audioset_dcls.training.evaluate import evaluate, summarize
 
     model, info = load_model(runs["root"] / "full" / "model.safetensors", bake=False)
     result = evaluate(model, open_shard_set(runs["eval"], "eval"), info.normalization, batch_size=32, num_workers=2,
@@ -355,12 +355,12 @@ def test_evaluate_on_the_exported_model_reproduces_the_training_eval(runs):
 
 @pytest.mark.parametrize("launcher", ["single", "accelerate"])
 def test_evaluate_command_reproduces_the_training_eval(runs, tmp_path, launcher):
-    """``python -m audioset_dcls.evaluate`` on the exported model gives the run's final eval to
+    """``python -m audioset_dcls.training.evaluate`` on the exported model gives the run's final eval to
     the last bit, alone (2 loader workers read the shards the 2 ranks read) and under a 2-process
     launch (every clip once over the ranks); its per-class table is the run's, byte for byte.
     With --calibrate it stores the thresholds the run's final evaluation stored (here in a copy of
     the model that has none), and changes nothing else."""
-    from audioset_dcls.checkpoint import load_checkpoint, save_inference_checkpoint
+    from audioset_dcls.hub.checkpoint import load_checkpoint, save_inference_checkpoint
 
     exported = runs["root"] / "full" / "model.safetensors"
     weights, info = load_checkpoint(exported)
@@ -372,7 +372,7 @@ def test_evaluate_command_reproduces_the_training_eval(runs, tmp_path, launcher)
     if launcher == "single":  # in this process: the command's main(), as `python -m` runs it
         from accelerate.state import AcceleratorState
 
-        from audioset_dcls.evaluate import main as evaluate_main
+        from audioset_dcls.training.evaluate import main as evaluate_main
 
         AcceleratorState._reset_state(reset_partial_state=True)  # another test's Accelerator(cpu=True)
         try:
@@ -381,7 +381,7 @@ def test_evaluate_command_reproduces_the_training_eval(runs, tmp_path, launcher)
             AcceleratorState._reset_state(reset_partial_state=True)
     else:
         cmd, env = train_command("accelerate")
-        cmd = cmd[:-1] + ["-m", "audioset_dcls.evaluate"]
+        cmd = cmd[:-1] + ["-m", "audioset_dcls.training.evaluate"]
         log = check(subprocess.run(cmd + args + ["--workers", "1"], cwd=REPO, env=env, capture_output=True,
                                    text=True, timeout=600))
         assert "2 process(es)" in log
@@ -449,7 +449,7 @@ def test_tiny_model_learns_the_synthetic_classes_with_the_real_front_end(tmp_pat
 
 def test_ema_averages_shared_dcls_positions_once_per_step():
     from audioset_dcls.models import create_model
-    from audioset_dcls.training import ModelEma
+    from audioset_dcls.training.loop import ModelEma
 
     torch.manual_seed(0)
     model = create_model("convnext_atto_dcls", num_classes=8)
@@ -468,7 +468,7 @@ def test_ema_averages_shared_dcls_positions_once_per_step():
 
 def test_resume_names_the_settings_that_changed(tmp_path):
     from audioset_dcls.config import load_config, to_yaml
-    from audioset_dcls.training import changed_settings
+    from audioset_dcls.training.loop import changed_settings
 
     saved = tmp_path / "config.yaml"
     saved.write_text(to_yaml(load_config(None, ["data.num_workers=4", "train.max_steps=10"])))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from audioset_dcls.features import FeatureConfig, compute_logmel
-from audioset_dcls.shards import MANIFEST_FORMAT, LogmelEncoding, encode_sample, hash_ids, sha256_file
+from audioset_dcls.shards.format import MANIFEST_FORMAT, LogmelEncoding, encode_sample, hash_ids, sha256_file
 from audioset_dcls.synthetic import CLASSES, make_mini_audioset, synthesize_clip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def build_shards(root: Path, num_train: int, num_eval: int, clip_seconds: float,
     train_dir, eval_dir = out / "train", out / "eval"
     if (out / "DONE").is_file():
         return train_dir, eval_dir
-    from preprocessing.build_shards import BuildOptions, build_shards as run_builder
+    from audioset_dcls.shards.build import BuildOptions, build_shards as run_builder
 
     features = FeatureConfig(clip_seconds=clip_seconds)
     audio = root / "audioset"
@@ -95,7 +95,7 @@ def own_shards(tmp_path_factory, clip_seconds: float = 2.0) -> tuple[Path, Path]
     train_dir, eval_dir = root / f"shards_{clip_seconds:g}s" / "train", root / f"shards_{clip_seconds:g}s" / "eval"
     if (root / f"shards_{clip_seconds:g}s" / "DONE").is_file():
         return train_dir, eval_dir
-    from audioset_dcls.shard_build import BuildOptions, build_shards as run_builder
+    from audioset_dcls.shards.build import BuildOptions, build_shards as run_builder
     from audioset_dcls.synthetic import make_own_dataset
 
     ds = make_own_dataset(root / "audio", per_class=12, folds=2, seconds=3.0)

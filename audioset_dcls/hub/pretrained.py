@@ -3,8 +3,8 @@
     model, info = audioset_dcls.load_pretrained("convnext_tiny_dcls")   # (model, CheckpointInfo)
     tagger = Tagger.from_pretrained("convnext_tiny_dcls")
     python infer.py dog.wav                                             # the default model
-    python -m audioset_dcls.pretrained --list                           # table, cache state
-    python -m audioset_dcls.pretrained convnext_tiny_dcls               # fetch now (before going offline)
+    python -m audioset_dcls.hub.pretrained --list                           # table, cache state
+    python -m audioset_dcls.hub.pretrained convnext_tiny_dcls               # fetch now (before going offline)
 
 :data:`PUBLISHED_MODELS` records, like timm's pretrained configs, where each model's weights come
 from: the file of Zenodo record 8370979 (linked from the README of K-H-Ismail/DCLS-Audio, the
@@ -14,7 +14,7 @@ First use of a name downloads the file into ``<cache>/downloads/<file>.part`` (p
 timeouts, retries with exponential backoff, a partial file resumed with an HTTP Range request;
 a server that ignores Range sends the whole file again and it is rewritten from the start), checks
 the size against Content-Length, converts it with the strict converter
-(:mod:`audioset_dcls.convert_reference`, AudioSet's label names included) into
+(:mod:`audioset_dcls.hub.convert_reference`, AudioSet's label names included) into
 ``<cache>/<file stem>.safetensors``, whose description records the source URL and SHA-256, and
 deletes the download. Later uses read the cache and touch no network. A file that does not
 convert exactly (truncated, an HTML error page, another model) is deleted, nothing is cached, and
@@ -31,7 +31,7 @@ Environment:
 - ``AUDIOSET_DCLS_OFFLINE=1``: never download; the cache or a one-line error.
 
 Every failure is one line naming the model, the URL and what to do (download by hand and
-convert with ``python -m audioset_dcls.convert_reference FILE CACHE_DIR``, which writes exactly
+convert with ``python -m audioset_dcls.hub.convert_reference FILE CACHE_DIR``, which writes exactly
 the file the cache looks for).
 """
 
@@ -86,7 +86,7 @@ class PublishedModel:
     @property
     def paper_map(self) -> str:
         """AudioSet eval mAP in the paper, mean ± std over its training runs (the registry's)."""
-        from .models.registry import model_info
+        from ..models.registry import model_info
 
         return model_info(self.name).paper_map or "?"
 
@@ -180,7 +180,7 @@ def weights_source(name: str) -> tuple[str, Path | None]:
 
 def _by_hand(model: PublishedModel) -> str:
     return (f"download {model.url} by hand and convert it into the cache: "
-            f"python -m audioset_dcls.convert_reference {model.file} {cache_dir()}")
+            f"python -m audioset_dcls.hub.convert_reference {model.file} {cache_dir()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def format_model_list() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: list the published models, or fetch some into the cache (before going offline)."""
-    p = argparse.ArgumentParser(prog="python -m audioset_dcls.pretrained",
+    p = argparse.ArgumentParser(prog="python -m audioset_dcls.hub.pretrained",
                                 description="List the published DCLS-Audio models, or download and convert "
                                             "them into the cache.")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"models to fetch: {', '.join(PUBLISHED_MODELS)}")

@@ -13,9 +13,10 @@ from tqdm import tqdm
 
 from ..features import REFERENCE_NORMALIZATION
 from ..files import write_json
-from ..shards import MANIFEST_NAME, SIZES_NAME, LogmelEncoding
-from .manifest import SKIPPED_NAME, finalize, name_ranges, remove_manifest
+from .format import MANIFEST_NAME, SIZES_NAME, LogmelEncoding
+from .manifest import SKIPPED_NAME, finalize, merge_shards, name_ranges, remove_manifest
 from .plan import (
+    BuildError,
     BuildOptions,
     check_or_write_plan,
     make_plan,
@@ -27,7 +28,8 @@ from .sources import file_finder, read_clips
 from .worker import ClipTask, run_clips
 from .writer import finished_shards, record_path, write_shard
 
-__all__ = ["BuildResult", "build_shards", "format_summary"]
+# The builder's API in one place: a build needs the options, the entry point and its result.
+__all__ = ["BuildError", "BuildOptions", "BuildResult", "SKIPPED_NAME", "build_shards", "format_summary", "merge_shards"]
 
 
 @dataclass

@@ -40,14 +40,14 @@ import numpy as np
 import torch
 import zstandard
 
-from .files import sha256_file  # noqa: F401  (part of this module's API: shard checksums)
+from ..files import sha256_file  # noqa: F401  (part of this module's API: shard checksums)
 
 LOGMEL_EXT = "logmel.npy"  # float16 encoding (and every shard set built before encodings)
 LOGMEL_U8_EXT = "logmel.u8.zst"  # uint8 encoding
 META_EXT = "json"
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
-MANIFEST_FORMAT = "audioset_dcls.shards/1"
+MANIFEST_FORMAT = "audioset_dcls.shards.format/1"
 ENCODINGS = ("uint8", "float16")
 DEFAULT_ENCODING = "uint8"
 
@@ -172,11 +172,6 @@ def _decode_uint8(data: bytes) -> np.ndarray:
 def _decode_npy(data: bytes) -> np.ndarray:
     arr = np.load(io.BytesIO(data), allow_pickle=False)
     return torch.from_numpy(arr).float().numpy()  # torch's float16 cast is ~20x faster than numpy's
-
-
-def clip_key(ytid: str, start: float) -> str:
-    """Sample key of one segment: ``<ytid>_<start in integer milliseconds>``."""
-    return f"{ytid}_{int(round(float(start) * 1000))}"
 
 
 @dataclass

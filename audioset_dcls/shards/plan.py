@@ -21,7 +21,7 @@ import numpy as np
 from ..features import FeatureConfig
 from ..files import write_json
 from ..labels import DroppedRow, LabelSet, Segment, resolve_pattern
-from ..shards import ENCODINGS, MANIFEST_NAME, LogmelEncoding
+from .format import ENCODINGS, MANIFEST_NAME, LogmelEncoding
 
 __all__ = ["BuildError", "BuildOptions", "shard_name", "order_segments", "part_shard_range",
            "make_plan", "check_or_write_plan", "read_plan", "STATE_DIR", "PLAN_NAME", "PLAN_FORMAT"]

@@ -9,7 +9,7 @@
                         backward); per optimizer step optimizer_step -> log_step -> end_step
                         (the step boundary: checkpoint when due, stop at train.max_steps or
                         when a rank got a stop signal: poll_stop)
-    end_epoch           evaluate_epoch (audioset_dcls.evaluate) -> count the epoch -> save_checkpoint
+    end_epoch           evaluate_epoch (audioset_dcls.training.evaluate) -> count the epoch -> save_checkpoint
     finish_training     corrupt-sample report -> export_model (model.safetensors) -> summary.json
 
 Stop signals (train.checkpoint_on_signal, audioset_dcls.preemption): every rank finishes its
@@ -59,10 +59,10 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import augment_batch
-from .checkpoint import CheckpointError, CheckpointInfo, save_inference_checkpoint
-from .config import Config, ConfigError, config_to_dict, to_yaml
-from .data import (
+from ..augment import augment_batch
+from ..hub.checkpoint import CheckpointError, CheckpointInfo, save_inference_checkpoint
+from ..config import Config, ConfigError, config_to_dict, to_yaml
+from ..data import (
     DataError,
     ShardSet,
     build_train_loader,
@@ -74,10 +74,10 @@ from .data import (
     train_batches_per_rank,
 )
 from .evaluate import append_jsonl, evaluate, format_result, summarize, thresholds_record, write_per_class_csv
-from .features import Normalization
+from ..features import Normalization
 from .finetune import InitReport, freeze_backbone, init_from_checkpoint, set_train_mode, write_report
-from .files import write_text
-from .preemption import StopSignals, agree_to_stop, parse_stop_signals
+from ..files import write_text
+from ..preemption import StopSignals, agree_to_stop, parse_stop_signals
 
 __all__ = [
     "lr_at",
@@ -131,7 +131,7 @@ def gradient_accumulation_steps(global_batch: int, per_device_batch: int, num_pr
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW or LAMB over models.param_groups (DCLS positions/widths: lr x dcls_lr_scale, no decay)."""
-    from .models import param_groups
+    from ..models import param_groups
 
     o = cfg.optim
     groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, dcls_lr_scale=o.dcls_lr_scale)
@@ -186,7 +186,7 @@ class TrainProgress:
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """The network ``cfg.model`` describes, freshly initialised from the global torch RNG (seed
     first for identical replicas). Maps (B, 1, n_mels, T) log-mels to (B, num_classes) logits."""
-    from .models import create_model
+    from ..models import create_model
 
     return create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
                         **_model_kwargs(cfg))
@@ -401,7 +401,7 @@ def resolve_init(name_or_path: str, accelerator: Accelerator) -> Path:
     """The file or directory ``model.init`` names; a published model name is fetched (once, by
     the main process, while the others wait) and read from the cache. CheckpointError on every
     rank when it cannot be had."""
-    from .pretrained import PUBLISHED_MODELS, PretrainedError, resolve_checkpoint_on_main_first
+    from ..hub.pretrained import PUBLISHED_MODELS, PretrainedError, resolve_checkpoint_on_main_first
 
     path = Path(name_or_path)
     if path.exists() or name_or_path not in PUBLISHED_MODELS:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..features import FeatureConfig
 from ..files import atomic_open, write_json
-from ..shards import MANIFEST_FORMAT, MANIFEST_NAME, SIZES_NAME, LogmelEncoding, hash_ids
+from .format import MANIFEST_FORMAT, MANIFEST_NAME, SIZES_NAME, LogmelEncoding, hash_ids
 from .plan import BuildError, read_plan, shard_name
 from .writer import finished_shards, record_path
 

@@ -16,7 +16,7 @@ Uses the TorchScript-based exporter (``dynamo=False``, opset 17, the first with 
 and well supported by onnxruntime >= 1.14): it needs no extra package (the dynamo exporter needs
 ``onnxscript``).
 
-    python -m audioset_dcls.export --checkpoint model.safetensors --onnx model.onnx [--check]
+    python -m audioset_dcls.tagging.export --checkpoint model.safetensors --onnx model.onnx [--check]
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_model
-from .features import Normalization
+from ..hub.checkpoint import load_model
+from ..features import Normalization
 
 __all__ = ["NormalizedModel", "export_onnx", "main"]
 
@@ -107,7 +107,7 @@ def check_onnx(checkpoint: str | Path, onnx_path: str | Path, *, include_normali
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m audioset_dcls.export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m audioset_dcls.tagging.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="inference checkpoint (.safetensors)")
     p.add_argument("--onnx", required=True, type=Path, help="output .onnx file")
     p.add_argument("--no-normalization", action="store_true",

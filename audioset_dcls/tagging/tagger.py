@@ -25,7 +25,7 @@ decoded signal. Formats that need ffmpeg (m4a, opus, ...) are decoded whole.
 Windows of consecutive files share batches, so a folder of short clips runs at full batch size.
 
 ``TagResult.events`` turns a file's window scores into sound events (``audioset_dcls/events.py``);
-:meth:`Tagger.tag_live` scores the windows of a live stream (``features.stream_pcm``: raw PCM from
+:meth:`Tagger.tag_live` scores the windows of a live stream (``audio.stream_pcm``: raw PCM from
 a pipe) one by one as their audio arrives, with the same windows and scores as a file.
 """
 
@@ -42,19 +42,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointInfo, load_model, probabilities
+from ..hub.checkpoint import CheckpointInfo, load_model, probabilities
 from .events import HYSTERESIS, MIN_GAP, Event, detect_events
-from .features import (
-    AudioDecodeError,
-    FeatureConfig,
-    LogMel,
-    error_line,
-    pad_or_trim,
-    stream_audio,
-    stream_pcm,
-    to_mono_resampled,
-)
-from .pretrained import DEFAULT_MODEL, fetch_pretrained
+from ..audio.decode import AudioDecodeError, error_line, to_mono_resampled
+from ..audio.stream import stream_audio, stream_pcm
+from ..features import FeatureConfig, LogMel, pad_or_trim
+from ..hub.pretrained import DEFAULT_MODEL, fetch_pretrained
 
 __all__ = [
     "Tag",
@@ -450,7 +443,7 @@ class Tagger:
     @classmethod
     def from_pretrained(cls, name: str = DEFAULT_MODEL, *, offline: bool | None = None,
                         progress: bool = True, **kwargs: Any) -> "Tagger":
-        """A tagger with a published model (``audioset_dcls.pretrained.PUBLISHED_MODELS``),
+        """A tagger with a published model (``audioset_dcls.hub.pretrained.PUBLISHED_MODELS``),
         downloaded and converted into the cache on first use; ``kwargs`` as :meth:`from_checkpoint`.
         ``offline`` (default ``$AUDIOSET_DCLS_OFFLINE``): use the cache only."""
         return cls.from_checkpoint(fetch_pretrained(name, offline=offline, progress=progress), **kwargs)
@@ -506,7 +499,7 @@ class Tagger:
 
     def tag_live(self, sliding: SlidingWindows) -> Iterator[tuple[float, float, np.ndarray]]:
         """Score each window of ``sliding`` (``SlidingWindows`` over live blocks, e.g.
-        ``features.stream_pcm``) as soon as its audio has arrived, one at a time: yields
+        ``audio.stream_pcm``) as soon as its audio has arrived, one at a time: yields
         ``(start s, end s, scores (C,))``. The windows and scores are those :meth:`tag` gives the
         same audio; ``sliding.num_samples`` holds the length once the input has ended."""
         sr = self.features.sample_rate

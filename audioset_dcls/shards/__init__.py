@@ -1,8 +1,9 @@
-"""Build log-mel WebDataset shards from AudioSet segment lists and a folder of audio.
+"""Log-mel WebDataset shards: the sample format (``format``) and the builder that writes them.
 
-The writing side of :mod:`audioset_dcls.shards`; the command line is ``preprocessing.build_shards``.
+The command line is ``audioset_dcls.shards.cli`` (``audioset-dcls build-shards``,
+``python -m preprocessing.build_shards`` in a checkout).
 
-    from audioset_dcls.shard_build import BuildOptions, build_shards, format_summary
+    from audioset_dcls.shards.build import BuildOptions, build_shards, format_summary
     result = build_shards(BuildOptions(segments=(csv,), labels=labels_csv, audio_dir=audio,
                                        out=out, split="train"))
     print(format_summary(result))
@@ -12,7 +13,7 @@ Output, in ``out`` (one split per folder):
 - ``<split>-NNNNNN.tar``: WebDataset shards; each sample is the (128, 1001) log-mel in dB, not
   normalised, as ``<ytid>_<start_ms>.logmel.u8.zst`` (``encoding="uint8"``, the default: 0.625 dB
   steps, zstd, ~75 kB) or ``.logmel.npy`` (``"float16"``, ~256 kB), + ``.json`` (ytid, start, end,
-  labels, source, duration): see ``audioset_dcls.shards``.
+  labels, source, duration): see ``audioset_dcls.shards.format``.
 - ``sizes.json`` (shard name -> sample count) and ``manifest.json`` (feature config, encoding,
   labels, per-shard count/bytes/sha256, feature mean/std, clip-id hash, values clipped by the
   encoding, every skipped clip and why).
@@ -35,7 +36,7 @@ build disjoint ranges that together are exactly the single-run shard set. Jobs m
 the job that completes the set writes the manifest. Jobs with separate output folders: copy all
 tars and ``_build/`` records into one folder (names never collide) and call ``merge_shards``.
 
-The modules, in the order data flows through them:
+The modules, in the order data flows through them (``format`` is the sample format they all share):
 
 - ``sources``: the inputs -> the clips (label set, clips in input order, rows left out) and
   where each clip's audio file is;
@@ -45,34 +46,3 @@ The modules, in the order data flows through them:
 - ``manifest``: records -> ``manifest.json``, ``sizes.json``, ``skipped.csv``; merging parts;
 - ``build``: one run from the options to the summary.
 """
-
-from __future__ import annotations
-
-from .build import BuildResult, build_shards, format_summary
-from .manifest import SKIPPED_NAME, merge_shards
-from .plan import BuildError, BuildOptions, order_segments, part_shard_range, shard_name
-from .sources import ClipList, file_finder, read_clips
-from .worker import ClipResult, ClipTask, keep_freed_memory, process_clip, run_clips
-from .writer import ShardWriter
-
-__all__ = [
-    "BuildError",
-    "BuildOptions",
-    "BuildResult",
-    "ClipList",
-    "ClipResult",
-    "ClipTask",
-    "SKIPPED_NAME",
-    "ShardWriter",
-    "build_shards",
-    "file_finder",
-    "format_summary",
-    "keep_freed_memory",
-    "merge_shards",
-    "order_segments",
-    "part_shard_range",
-    "process_clip",
-    "read_clips",
-    "run_clips",
-    "shard_name",
-]

@@ -3,7 +3,7 @@
 ``model.init`` names an inference checkpoint (``model.safetensors``), a training checkpoint
 (``checkpoints/step_N``, or a run directory: its ``model.safetensors`` when finished, else its
 latest checkpoint) or a published model name (``convnext_tiny_dcls``, fetched and cached by
-:mod:`audioset_dcls.pretrained`). :func:`init_from_checkpoint` loads every tensor of the new model
+:mod:`audioset_dcls.hub.pretrained`). :func:`init_from_checkpoint` loads every tensor of the new model
 whose name and shape the source has. The classifier head (timm's ``pretrained_cfg["classifier"]``)
 is left at its fresh init when the source's has another shape (another class count) or other
 label names; any other tensor the source lacks or has in another shape (stem, backbone: another
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint
+from ..hub.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["InitReport", "read_init_weights", "init_from_checkpoint", "head_prefix", "freeze_backbone",
            "set_train_mode", "write_report"]
@@ -74,7 +74,7 @@ def read_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path, 
             path = path / "model.safetensors"  # a finished run: its exported (eval) weights
         else:
             if (path / "checkpoints").is_dir():
-                from .training import find_checkpoint
+                from .loop import find_checkpoint
 
                 found = find_checkpoint(path)
                 if found is None:
@@ -171,6 +171,6 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 
 def write_report(path: Path, report: InitReport) -> None:
     """``init.json``: the report with every tensor by name, written atomically."""
-    from .files import write_text
+    from ..files import write_text
 
     write_text(path, json.dumps(report.to_dict(), indent=1) + "\n")

@@ -24,11 +24,11 @@ no training config.
 The command line evaluates a saved inference checkpoint, or a published model by name, on a
 shard folder, with these same functions::
 
-    python -m audioset_dcls.evaluate --checkpoint FILE_OR_PUBLISHED_NAME --shards EVAL_DIR
+    python -m audioset_dcls.training.evaluate --checkpoint FILE_OR_PUBLISHED_NAME --shards EVAL_DIR
         [--per-class per_class.csv] [--output results.json] [--segments eval_segments.csv]
         [--batch-size 64] [--workers 2] [--precision auto|fp32|bf16|fp16] [--offline]
         [--calibrate [--min-positives 5]]
-    accelerate launch --multi_gpu --num_processes 8 -m audioset_dcls.evaluate ...
+    accelerate launch --multi_gpu --num_processes 8 -m audioset_dcls.training.evaluate ...
 
 Every clip is scored once over all processes; bf16 autocast on GPUs by default. The checkpoint's
 feature config and classes must be the shards' (:func:`check_compatible`). ``--segments`` adds
@@ -53,12 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import probabilities
-from .data import ShardSet, build_eval_loader, move_batch
-from .features import Normalization
-from .files import atomic_open, write_json, write_text
-from .metrics import MIN_POSITIVES, calibrate_thresholds, classification_metrics, tagging_metrics
-from .shards import hash_ids
+from ..hub.checkpoint import probabilities
+from ..data import ShardSet, build_eval_loader, move_batch
+from ..features import Normalization
+from ..files import atomic_open, write_json, write_text
+from ..metrics import MIN_POSITIVES, calibrate_thresholds, classification_metrics, tagging_metrics
+from ..shards.format import hash_ids
 
 __all__ = [
     "ClipScores",
@@ -226,7 +226,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any], replace: str | None =
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluating a saved checkpoint: python -m audioset_dcls.evaluate
+# Evaluating a saved checkpoint: python -m audioset_dcls.training.evaluate
 
 
 class EvaluationError(ValueError):
@@ -236,7 +236,7 @@ class EvaluationError(ValueError):
 def check_compatible(info, shards: ShardSet, checkpoint: str) -> None:
     """The model must see the shards' features and score their classes, in their order.
 
-    ``info``: the checkpoint's :class:`~audioset_dcls.checkpoint.CheckpointInfo`. Raises
+    ``info``: the checkpoint's :class:`~audioset_dcls.hub.checkpoint.CheckpointInfo`. Raises
     :class:`EvaluationError` naming the differing feature settings or the first differing class.
     """
     where = shards.root / "manifest.json"
@@ -290,7 +290,7 @@ def _mixed_precision(precision: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m audioset_dcls.evaluate",
+        prog="python -m audioset_dcls.training.evaluate",
         description="mAP / mAUC / d' of a checkpoint (or a published model) on a shard folder, every clip once; "
                     "the same evaluation as the training loop's. Runs under accelerate launch too.",
     )
@@ -321,9 +321,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     Raises EvaluationError / CheckpointError / DataError (one line) on bad input."""
     from accelerate import Accelerator
 
-    from .checkpoint import load_model, read_checkpoint_info
-    from .data import open_shard_set
-    from .pretrained import PretrainedError, resolve_checkpoint_on_main_first
+    from ..hub.checkpoint import load_model, read_checkpoint_info
+    from ..data import open_shard_set
+    from ..hub.pretrained import PretrainedError, resolve_checkpoint_on_main_first
 
     if args.batch_size < 1 or args.workers < 0 or args.min_positives < 1:
         raise EvaluationError("--batch-size and --min-positives must be >= 1 and --workers >= 0")
@@ -344,7 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     check_compatible(info, shards, str(path))
     segment_keys = None
     if args.segments is not None:
-        from .labels import read_segments
+        from ..labels import read_segments
 
         segment_keys = [seg.key for seg in read_segments(args.segments)]  # LabelError: file and line
     # Training form (not baked), as the training loop evaluates it: the same numbers for the same weights.
@@ -378,7 +378,7 @@ def report(args: argparse.Namespace, clips: ClipScores, info, shards, path: Path
     if args.per_class is not None:
         write_per_class_csv(args.per_class, result, shards.labels)
     if args.calibrate:
-        from .checkpoint import store_thresholds
+        from ..hub.checkpoint import store_thresholds
 
         record = thresholds_record(result)
         store_thresholds(path, record)
@@ -391,9 +391,9 @@ def report(args: argparse.Namespace, clips: ClipScores, info, shards, path: Path
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit status 0, or 2 with a one-line error for input that cannot be evaluated."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .labels import LabelError
+    from ..hub.checkpoint import CheckpointError
+    from ..data import DataError
+    from ..labels import LabelError
 
     args = build_parser().parse_args(argv)
     try:

@@ -48,7 +48,7 @@ from ..labels import (
     read_segment_files,
     resolve_pattern,
 )
-from ..shards import MANIFEST_NAME
+from .format import MANIFEST_NAME
 from .plan import BuildError, BuildOptions
 
 __all__ = ["ClipList", "read_clips", "file_finder", "read_clip_lists", "read_class_folders", "read_class_names",

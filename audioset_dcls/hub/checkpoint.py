@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .features import FeatureConfig, Normalization
-from .files import atomic_path
+from ..features import FeatureConfig, Normalization
+from ..files import atomic_path
 
 FORMAT = "audioset_dcls.inference/1"
 TASKS = ("multilabel", "singlelabel")
@@ -146,7 +146,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     except Exception as err:
         raise CheckpointError(
             f"{path}: not a safetensors file ({err}); convert other checkpoints with "
-            "`python -m audioset_dcls.convert_reference`"
+            "`python -m audioset_dcls.hub.convert_reference`"
         ) from None
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: safetensors file without an audioset_dcls description")
@@ -169,7 +169,7 @@ def load_model(
     With ``bake=True`` DCLS layers become plain depthwise convolutions (same outputs, no kernel
     construction per forward). Returns ``(model, info)``.
     """
-    from .models import create_model, to_inference
+    from ..models import create_model, to_inference
 
     state_dict, info = load_checkpoint(path)
     model = create_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)

@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from .events import EVENT_CSV_COLUMNS, HYSTERESIS, MIN_GAP, audacity_labels, events_table, write_events_csv
-from .pretrained import DEFAULT_MODEL, PUBLISHED_MODELS
+from ..hub.pretrained import DEFAULT_MODEL, PUBLISHED_MODELS
 
 FORMATS = ("table", "json", "jsonl", "csv", "audacity")
 CSV_COLUMNS = ["path", "window", "start", "end", "rank", "index", "mid", "name", "score"]
@@ -127,7 +127,7 @@ def resolve_threshold(args: argparse.Namespace, info: Any, name: str) -> None:
     if spec == "auto":
         if calibrated is None:
             raise ValueError(f"{name} has no calibrated thresholds for --threshold auto: calibrate them with "
-                             f"python -m audioset_dcls.evaluate --checkpoint {name} --shards EVAL_DIR --calibrate, "
+                             f"python -m audioset_dcls.training.evaluate --checkpoint {name} --shards EVAL_DIR --calibrate, "
                              "or give a number")
         args.threshold = np.asarray(calibrated)
     if spec is None and args.events:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # files may follow options: infer.py -q a.wav --hop 5 b.wav
     if args.list_models:
-        from .pretrained import format_model_list
+        from ..hub.pretrained import format_model_list
 
         print(format_model_list())
         return 0
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from .tagging import TagFailure, Tagger, cpu_has_native_bf16, expand_inputs, plot_tags
+    from .tagger import TagFailure, Tagger, cpu_has_native_bf16, expand_inputs, plot_tags
 
     skipped: list[TagFailure] = []  # in the folders: dangling links, unreadable files and sub-folders
     try:
@@ -403,7 +403,7 @@ def run_stdin(args: argparse.Namespace, tagger: Any) -> int:
     import os
 
     from .events import EventTracker
-    from .tagging import SlidingWindows, stream_pcm, top_tags
+    from .tagger import SlidingWindows, stream_pcm, top_tags
 
     import torch
 

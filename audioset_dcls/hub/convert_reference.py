@@ -1,6 +1,6 @@
 """Convert a DCLS-Audio reference checkpoint (K-H-Ismail/DCLS-Audio) into our inference checkpoint.
 
-    python -m audioset_dcls.convert_reference CKPT.pth OUT_DIR [--model NAME]
+    python -m audioset_dcls.hub.convert_reference CKPT.pth OUT_DIR [--model NAME]
         [--labels class_labels_indices.csv] [--use-ema]
 
 The authors' published weights (Zenodo record 8370979) and anything saved by their training code
@@ -23,7 +23,7 @@ from the ``class_labels_indices.csv`` that ships with the package (``labels.audi
 no ``--labels`` is still written, with an empty label list: taggers then show ``class_<i>``
 instead of names, and the summary says so.
 
-The published files (Zenodo record 8370979) are listed in :mod:`audioset_dcls.pretrained`, which
+The published files (Zenodo record 8370979) are listed in :mod:`audioset_dcls.hub.pretrained`, which
 downloads and converts them by name.
 """
 
@@ -41,8 +41,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .features import REFERENCE_NORMALIZATION
-from .files import sha256_file
+from ..features import REFERENCE_NORMALIZATION
+from ..files import sha256_file
 from .pretrained import PUBLISHED_MODELS
 
 __all__ = [
@@ -367,7 +367,7 @@ def convert_state_dict(reference_name: str, reference_sd: dict[str, torch.Tensor
 def _read_labels(path: str | Path | None, num_classes: int) -> list[dict[str, Any]]:
     """[{index, mid, name}] in class order from ``class_labels_indices.csv``; with ``path`` None,
     AudioSet's bundled names for a 527-class checkpoint and none otherwise."""
-    from .labels import audioset_label_set, read_label_set
+    from ..labels import audioset_label_set, read_label_set
 
     if path is None:
         label_set = audioset_label_set()
@@ -419,7 +419,7 @@ class ConversionResult:
 
 def _build_and_convert(ref: ReferenceCheckpoint, model_name: str | None) -> tuple[str, nn.Module, ConversionReport]:
     """Pick the reference model (given or detected), build ours, load the tensors into it."""
-    from .models import create_model
+    from ..models import create_model
 
     if model_name is None:
         reference_name = detect_reference_model(ref.state_dict)
@@ -451,7 +451,7 @@ def convert_reference_checkpoint(
     downloaded from, recorded beside its SHA-256. Raises :class:`ConversionError` on anything inexact.
     """
     from .checkpoint import CheckpointInfo, save_inference_checkpoint
-    from .features import FeatureConfig
+    from ..features import FeatureConfig
 
     checkpoint = Path(checkpoint)
     ref = read_reference_checkpoint(checkpoint, use_ema=use_ema)
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: convert one reference checkpoint, print a summary; exit 1 with a one-line
     error if it cannot be converted exactly."""
     p = argparse.ArgumentParser(
-        prog="python -m audioset_dcls.convert_reference",
+        prog="python -m audioset_dcls.hub.convert_reference",
         description="Convert a DCLS-Audio reference checkpoint (.pth) into an audioset_dcls inference checkpoint.",
     )
     p.add_argument("checkpoint", type=Path, help="reference .pth (training checkpoint or bare state_dict)")

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from .. import features
-from ..features import AudioDecodeError, FeatureConfig
-from ..shards import LogmelEncoding, encode_logmel, encode_sample
+from ..audio.decode import AudioDecodeError, decode_mono, resample
+from ..features import FeatureConfig
+from .format import LogmelEncoding, encode_logmel, encode_sample
 from .plan import BuildError
 
 __all__ = ["ClipTask", "ClipResult", "process_clip", "keep_freed_memory", "run_clips"]
@@ -74,14 +75,14 @@ def process_clip(task: ClipTask, cfg: FeatureConfig, encoding: LogmelEncoding = 
         return ClipResult("missing", None, "no audio file found for this segment")
     path = Path(task.path)
     try:
-        mono, sr = features.decode_mono(path)
+        mono, sr = decode_mono(path)
         if task.cut:
             length = mono.shape[0] / sr
             mono = mono[int(round(task.start * sr)): None if task.end is None else int(round(task.end * sr))]
             if mono.size == 0:
                 return ClipResult("empty", task.path, f"{path}: no audio from {task.start:g} s on (the file is "
                                                       f"{length:.2f} s long)")
-        wave = features.resample(mono, sr, cfg.sample_rate)
+        wave = resample(mono, sr, cfg.sample_rate)
         if not wave.any():
             return ClipResult("silent", task.path, f"{path}: every sample is zero")
         duration = wave.shape[0] / cfg.sample_rate
