@@ -1,16 +1,13 @@
-"""Tag audio files with an audioset-dcls checkpoint. Thin wrapper; see ``python infer.py --help``
-and ``audioset_dcls/tagging.py`` (the library: ``Tagger.from_checkpoint(...).tag(path_or_array)``)."""
+"""Tag audio with a published model or your checkpoint: ``python infer.py --help``.
 
-from __future__ import annotations
+A thin entry point at the place the project's layout names; the command is
+:mod:`audioset_dcls.tagging.cli` (installed as ``audioset-dcls tag``), the library
+``audioset_dcls.Tagger``.
+"""
 
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    from audioset_dcls.tagging.cli import main as run
-
-    return run(argv)
-
+from audioset_dcls.tagging.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

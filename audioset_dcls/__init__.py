@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "to_inference", "load_model", "load_pretrained", "FeatureConfig",
+__all__ = ["create_model", "list_models", "to_inference", "load_model", "load_pretrained", "Tagger", "FeatureConfig",
            "__version__"]
 
 
@@ -24,6 +24,10 @@ def __getattr__(name):  # lazy: `import audioset_dcls` stays cheap (no timm impo
         from .hub.pretrained import load_pretrained
 
         return load_pretrained
+    if name == "Tagger":
+        from .tagging.tagger import Tagger
+
+        return Tagger
     if name in ("FeatureConfig", "Normalization"):
         from . import features
 

@@ -45,7 +45,14 @@ from .config import DataConfig
 from .features import REFERENCE_NORMALIZATION, FeatureConfig, Normalization
 from .labels import LabelSet
 from .preemption import ignore_stop_signals
-from .shards.format import META_EXT, check_shard_files, decode_sample, list_shards, read_manifest, rebuild_command
+from .shards.format import (
+    META_EXT,
+    check_shard_files,
+    decode_sample,
+    list_shards,
+    read_manifest,
+    rebuild_command,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import pytest
 
 from audioset_dcls.config import load_config
 from audioset_dcls.training.evaluate import append_jsonl
-from audioset_dcls.training.loop import OutputError, find_checkpoint
+from audioset_dcls.hub.references import find_checkpoint
+from audioset_dcls.training.state import OutputError
 from test_train import REPO, run_train
 from train_shards import session_shards
 

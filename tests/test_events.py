@@ -12,7 +12,8 @@ import io
 import numpy as np
 import pytest
 
-from audioset_dcls.tagging.events import EventTracker, audacity_labels, detect_events
+from audioset_dcls.tagging.events import EventTracker, detect_events
+from audioset_dcls.tagging.outputs import audacity_labels
 
 LABELS = [{"mid": "/x/a", "name": "A"}, {"mid": "/x/b", "name": "B b"}]
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from audioset_dcls.hub.checkpoint import CheckpointError, read_checkpoint_info
 from audioset_dcls.config import ConfigError, load_config
+from audioset_dcls.hub.references import resolve_reference
 from audioset_dcls.training.finetune import read_init_weights
 from audioset_dcls.shards.format import read_manifest
 from test_train import check, run_train
@@ -79,7 +80,7 @@ def test_init_refuses_another_backbone_and_a_missing_source(source, tmp_path_fac
     with pytest.raises(CheckpointError, match="does not fit this model.s stem/backbone: .*conv_dw.weight") as info:
         setup_training(cfg)
     assert str(info.value).endswith("set model.name=convnext_atto") and "\n" not in str(info.value)
-    with pytest.raises(CheckpointError, match="no such file or directory, and not a published model"):
+    with pytest.raises(CheckpointError, match="model.init=.*/nope: no such checkpoint file or folder, and not a published model"):
         setup_training(fine_tune_config(tmp_path_factory, tmp_path / "b", f"model.init={tmp_path / 'nope'}"))
     # a published name resolves through audioset_dcls.hub.pretrained (here: offline, empty cache)
     with pytest.raises(CheckpointError, match=r"^model.init=convnext_tiny_dcls: .*offline") as info:
@@ -114,7 +115,7 @@ def test_linear_probe_trains_only_the_head(source, tmp_path_factory, tmp_path, f
                                      "model.freeze_backbone=true", "train.max_steps=2", "data.eval="))
     assert summary["step"] == 2
     src = load_file(str(source / "model.safetensors"))
-    after, _, _ = read_init_weights(out)  # the run's latest training checkpoint
+    after, _ = read_init_weights(resolve_reference(out, need="weights"))  # the run's latest training checkpoint
     assert all(torch.equal(after[k], src[k]) for k in after if k not in HEAD)
     assert after["head.fc.bias"].abs().sum() > 0  # the head trained (timm initialises its bias to 0)
     init = json.loads((out / "init.json").read_text())
@@ -125,7 +126,7 @@ def test_linear_probe_trains_only_the_head(source, tmp_path_factory, tmp_path, f
 
 def test_single_label_loss_is_cross_entropy_on_soft_targets_and_auto_task(tmp_path_factory):
     from audioset_dcls.data import open_shard_set
-    from audioset_dcls.training.loop import compute_loss, resolve_task
+    from audioset_dcls.training.recipe import compute_loss, resolve_task
 
     logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
     y = torch.eye(5)[[0, 3, 1, 1]] * 0.9 + 0.1 / 5  # label smoothing keeps rows distributions

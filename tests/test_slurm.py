@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from audioset_dcls.training.loop import find_checkpoint
+from audioset_dcls.hub.references import find_checkpoint
 from test_train import REPO, _alive, _descendants, free_port
 from train_shards import session_shards
 

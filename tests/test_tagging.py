@@ -15,17 +15,11 @@ import torch
 from audioset_dcls.audio import AudioDecodeError, load_audio
 from audioset_dcls.features import compute_logmel
 from audioset_dcls.models.dcls import DclsConv2d
-from audioset_dcls.tagging.tagger import (
-    SlidingWindows,
-    Tagger,
-    TagFailure,
-    expand_inputs,
-    resolve_device,
-    resolve_precision,
-    set_cpu_threads,
-    stream_audio,
-    window_starts,
-)
+from audioset_dcls.audio.stream import stream_audio
+from audioset_dcls.tagging.inputs import expand_inputs
+from audioset_dcls.tagging.results import TagFailure
+from audioset_dcls.tagging.tagger import Tagger, resolve_device, resolve_precision, set_cpu_threads
+from audioset_dcls.tagging.windows import SlidingWindows, window_starts
 from helpers_tagging import AUDIO_VARIANTS, LABEL_NAMES, write_audio, write_checkpoint, write_variants
 
 SR = 32000

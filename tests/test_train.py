@@ -32,7 +32,8 @@ from audioset_dcls.hub.checkpoint import load_model, read_checkpoint_info
 from audioset_dcls.config import Config, ConfigError, apply_overrides
 from audioset_dcls.shards.format import read_manifest
 from audioset_dcls.synthetic import CLASSES
-from audioset_dcls.training.loop import build_optimizer, find_checkpoint, gradient_accumulation_steps, lr_at
+from audioset_dcls.hub.references import find_checkpoint
+from audioset_dcls.training.recipe import build_optimizer, gradient_accumulation_steps, lr_at
 from train_shards import session_shards, train_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -449,7 +450,7 @@ def test_tiny_model_learns_the_synthetic_classes_with_the_real_front_end(tmp_pat
 
 def test_ema_averages_shared_dcls_positions_once_per_step():
     from audioset_dcls.models import create_model
-    from audioset_dcls.training.loop import ModelEma
+    from audioset_dcls.training.recipe import ModelEma
 
     torch.manual_seed(0)
     model = create_model("convnext_atto_dcls", num_classes=8)
@@ -468,10 +469,50 @@ def test_ema_averages_shared_dcls_positions_once_per_step():
 
 def test_resume_names_the_settings_that_changed(tmp_path):
     from audioset_dcls.config import load_config, to_yaml
-    from audioset_dcls.training.loop import changed_settings
+    from audioset_dcls.training.checkpointing import changed_settings
 
     saved = tmp_path / "config.yaml"
     saved.write_text(to_yaml(load_config(None, ["data.num_workers=4", "train.max_steps=10"])))
     now = load_config(None, ["data.num_workers=2", "train.max_steps=20", "train.resume=auto", "optim.lr=0.001"])
     assert changed_settings(saved, now) == ["data.num_workers 4 -> 2", "optim.lr 0.004 -> 0.001"]
     assert changed_settings(tmp_path / "missing.yaml", now) == []
+
+
+def test_a_run_folder_is_a_checkpoint_reference_for_tagging_evaluation_and_init(runs, tmp_path, capsys):
+    """One resolver (hub.references) reads every kind of reference: a finished run folder tags and
+    evaluates like its model.safetensors; its step folder is a training checkpoint that init
+    accepts and tagging refuses in one line saying what to do."""
+    from accelerate.state import AcceleratorState
+
+    from audioset_dcls.hub.checkpoint import CheckpointError
+    from audioset_dcls.hub.references import resolve_reference
+    from audioset_dcls.tagging.cli import main as infer_main
+    from audioset_dcls.training.evaluate import main as evaluate_main
+    from helpers_tagging import write_audio
+
+    run_dir = runs["root"] / "full"
+    step = find_checkpoint(run_dir)
+    assert resolve_reference(run_dir).path == run_dir / "model.safetensors"
+    assert resolve_reference(run_dir, need="training").path == step
+    ref = resolve_reference(step, need="weights")
+    assert ref.kind == "training" and ref.weights_file == step / "pytorch_model.bin"
+    with pytest.raises(CheckpointError, match=r"training checkpoint .*model\.init=") as err:
+        resolve_reference(step)
+    assert "\n" not in str(err.value)
+
+    clip = write_audio(tmp_path / "clip.wav", 4.0, seed=3)
+    outputs = []
+    for checkpoint in (run_dir, run_dir / "model.safetensors"):
+        assert infer_main(["--checkpoint", str(checkpoint), str(clip), "--format", "jsonl", "--top-k", "0", "-q"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and len(outputs[0]["tags"]) == len(CLASSES)
+    assert infer_main(["--checkpoint", str(step), str(clip), "-q"]) == 2
+    assert "training checkpoint" in capsys.readouterr().err
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # another test's Accelerator(cpu=True)
+    try:
+        assert evaluate_main(["--checkpoint", str(run_dir), "--shards", str(runs["eval"]), "--batch-size", "32", "--workers", "2",
+                              "--output", str(tmp_path / "results.json")]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert json.loads((tmp_path / "results.json").read_text())["mAP"] == summary(run_dir)["eval"]["mAP"]

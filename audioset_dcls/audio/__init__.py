@@ -5,7 +5,16 @@
 waveforms into log-mels.
 """
 
-from .decode import AudioDecodeError, decode_audio, decode_mono, downmix, error_line, load_audio, resample, to_mono_resampled
+from .decode import (
+           AudioDecodeError,
+           decode_audio,
+           decode_mono,
+           downmix,
+           error_line,
+           load_audio,
+           resample,
+           to_mono_resampled,
+)
 from .stream import stream_audio, stream_pcm
 
 __all__ = ["AudioDecodeError", "decode_audio", "decode_mono", "downmix", "error_line", "load_audio", "resample",

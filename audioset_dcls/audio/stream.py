@@ -11,7 +11,16 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .decode import AudioDecodeError, _check_audio_file, _check_finite, _needs_ffmpeg, _unreadable, decode_audio, downmix, to_mono_resampled
+from .decode import (
+    AudioDecodeError,
+    _check_audio_file,
+    _check_finite,
+    _needs_ffmpeg,
+    _unreadable,
+    decode_audio,
+    downmix,
+    to_mono_resampled,
+)
 
 __all__ = ["stream_audio", "stream_pcm"]
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..features import REFERENCE_NORMALIZATION
 from ..files import sha256_file
-from .pretrained import PUBLISHED_MODELS
+from .published import PUBLISHED_MODELS
 
 __all__ = [
     "REFERENCE_MODELS",
@@ -450,8 +450,8 @@ def convert_reference_checkpoint(
     AudioSet's bundled names (527-class checkpoints). ``source_url``: where the file was
     downloaded from, recorded beside its SHA-256. Raises :class:`ConversionError` on anything inexact.
     """
-    from .checkpoint import CheckpointInfo, save_inference_checkpoint
     from ..features import FeatureConfig
+    from .checkpoint import CheckpointInfo, save_inference_checkpoint
 
     checkpoint = Path(checkpoint)
     ref = read_reference_checkpoint(checkpoint, use_ema=use_ema)
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: convert one reference checkpoint, print a summary; exit 1 with a one-line
     error if it cannot be converted exactly."""
     p = argparse.ArgumentParser(
-        prog="python -m audioset_dcls.hub.convert_reference",
+        prog="audioset-dcls convert",
         description="Convert a DCLS-Audio reference checkpoint (.pth) into an audioset_dcls inference checkpoint.",
     )
     p.add_argument("checkpoint", type=Path, help="reference .pth (training checkpoint or bare state_dict)")

@@ -6,9 +6,8 @@
     python -m audioset_dcls.hub.pretrained --list                           # table, cache state
     python -m audioset_dcls.hub.pretrained convnext_tiny_dcls               # fetch now (before going offline)
 
-:data:`PUBLISHED_MODELS` records, like timm's pretrained configs, where each model's weights come
-from: the file of Zenodo record 8370979 (linked from the README of K-H-Ismail/DCLS-Audio, the
-authors' repository), the reference model it holds and the AudioSet eval mAP the paper reports.
+:data:`.published.PUBLISHED_MODELS` records, like timm's pretrained configs, where each model's
+weights come from (the files of Zenodo record 8370979).
 
 First use of a name downloads the file into ``<cache>/downloads/<file>.part`` (progress bar,
 timeouts, retries with exponential backoff, a partial file resumed with an HTTP Range request;
@@ -48,9 +47,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from .published import DEFAULT_MODEL, PUBLISHED_MODELS, SOURCE, PublishedModel
 
 __all__ = [
     "PublishedModel",
@@ -64,52 +64,10 @@ __all__ = [
     "download_file",
     "fetch_pretrained",
     "load_pretrained",
-    "resolve_checkpoint",
-    "resolve_checkpoint_on_main_first",
     "format_model_list",
     "main",
 ]
 
-ZENODO_RECORD = "8370979"
-SOURCE = "Zenodo record 8370979, linked from the README of K-H-Ismail/DCLS-Audio (paper: arXiv:2309.13972)"
-
-
-@dataclass(frozen=True)
-class PublishedModel:
-    """One published model: our name, where its weights come from, and what the paper reports."""
-
-    name: str  # our model (audioset_dcls.models registry)
-    file: str  # file name in the Zenodo record (and in any mirror)
-    reference_model: str  # the reference code's model name (convert_reference.REFERENCE_MODELS)
-    num_classes: int = 527
-
-    @property
-    def paper_map(self) -> str:
-        """AudioSet eval mAP in the paper, mean ± std over its training runs (the registry's)."""
-        from ..models.registry import model_info
-
-        return model_info(self.name).paper_map or "?"
-
-    @property
-    def url(self) -> str:
-        return f"https://zenodo.org/records/{ZENODO_RECORD}/files/{self.file}?download=1"
-
-    @property
-    def cache_name(self) -> str:
-        """The converter's output name for ``file`` (``convert_reference`` writes ``<stem>.safetensors``)."""
-        return Path(self.file).stem + ".safetensors"
-
-
-PUBLISHED_MODELS: dict[str, PublishedModel] = {
-    m.name: m
-    for m in (
-        PublishedModel("convnext_tiny_dcls", "convnext_dcls_audio_tiny.pth", "convnext_dcls_audio_tiny"),
-        PublishedModel("convformer_s18", "convformer_audio_s18.pth", "convformer_audio_s18"),
-        PublishedModel("convformer_s18_dcls", "convformer_dcls_audio_s18.pth", "convformer_dcls_audio_s18"),
-        PublishedModel("fastvit_sa24_dcls", "fastvit_dcls_audio_sa24.pth", "fastvit_dcls_audio_sa24"),
-    )
-}
-DEFAULT_MODEL = "convnext_tiny_dcls"  # the paper's best published model
 
 # Download behaviour (keyword arguments of fetch_pretrained / download_file override them).
 TIMEOUT_S = 30.0  # per connect / read: a stalled connection fails instead of hanging
@@ -400,37 +358,6 @@ def _convert(model: PublishedModel, source: Path, url: str, target: Path, progre
         print(f"{model.name}: cached {result.path}", file=sys.stderr)
 
 
-def resolve_checkpoint(name_or_path: str | Path, **fetch_kwargs: Any) -> Path:
-    """A checkpoint file as given, or the cached checkpoint of a published model name."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    if str(name_or_path) in PUBLISHED_MODELS:
-        return fetch_pretrained(str(name_or_path), **fetch_kwargs)
-    raise PretrainedError(f"{name_or_path}: neither a checkpoint file nor a published model "
-                          f"({', '.join(PUBLISHED_MODELS)})")
-
-
-def resolve_checkpoint_on_main_first(name_or_path: str | Path, accelerator: Any, **fetch_kwargs: Any) -> Path:
-    """:func:`resolve_checkpoint` under a launch of several processes: a published name is fetched
-    by the main process while the others wait, then read from the cache by all (a node without
-    the shared cache fetches under the cache's lock). A failure on the main process is raised on
-    every rank as a PretrainedError with its one line, so none waits for ever."""
-    outcome: list[str | None] = [None]
-    if accelerator.is_main_process:
-        try:
-            resolve_checkpoint(name_or_path, **{**fetch_kwargs, "progress": True})
-        except (OSError, ValueError, RuntimeError) as err:
-            outcome = [str(err)]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        outcome = broadcast_object_list(outcome, from_process=0)
-    if outcome[0] is not None:
-        raise PretrainedError(outcome[0])
-    return resolve_checkpoint(name_or_path, **{**fetch_kwargs, "progress": False})
-
-
 def load_pretrained(name: str = DEFAULT_MODEL, *, bake: bool = True, device: str = "cpu",
                     offline: bool | None = None, progress: bool = True) -> tuple[Any, Any]:
     """Published model ``name``, fetched on first use: ``(model, CheckpointInfo)``, eval mode.
@@ -467,7 +394,7 @@ def format_model_list() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: list the published models, or fetch some into the cache (before going offline)."""
-    p = argparse.ArgumentParser(prog="python -m audioset_dcls.hub.pretrained",
+    p = argparse.ArgumentParser(prog="audioset-dcls pretrained",
                                 description="List the published DCLS-Audio models, or download and convert "
                                             "them into the cache.")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"models to fetch: {', '.join(PUBLISHED_MODELS)}")

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from . import convformer, convnext, fastvit  # noqa: F401  (register the variants)
 from .dcls import DclsConv2d, build_gauss_kernel
-from .registry import ModelInfo, create_model, is_model, list_models, model_info, register_model
+from .registry import (
+    ModelInfo,
+    create_model,
+    is_model,
+    list_models,
+    model_info,
+    register_model,
+)
 from .surgery import (
     dcls_layers,
     find_depthwise_convs,

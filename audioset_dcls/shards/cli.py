@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ..labels import LabelError
-from .build import SKIPPED_NAME, BuildError, BuildOptions, build_shards, format_summary, merge_shards
+from .build import (
+    SKIPPED_NAME,
+    BuildError,
+    BuildOptions,
+    build_shards,
+    format_summary,
+    merge_shards,
+)
 from .format import MANIFEST_NAME
 from .worker import keep_freed_memory
 

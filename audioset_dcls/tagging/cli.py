@@ -2,7 +2,8 @@
 
 The model is ``--checkpoint FILE``, or a published model by name (``--model``, default
 ``convnext_tiny_dcls``), downloaded and converted into the cache on first use
-(``audioset_dcls/pretrained.py``; ``--list-models`` shows them).
+(``audioset_dcls/hub/pretrained.py``; ``--list-models`` shows them). ``--checkpoint`` takes any
+checkpoint reference (``hub/references.py``): a file, a finished run folder or a published name.
 
 Output goes to stdout (or ``--output``), one record per input as soon as it is tagged, so a
 folder of 10,000 clips streams out; failures go to stderr as ``error: PATH: REASON`` and make the
@@ -13,32 +14,32 @@ terminal.
 
 ``--threshold auto`` uses the per-class thresholds calibrated into the checkpoint (by a training
 run's final evaluation or ``evaluate --calibrate``). ``--events`` adds sound events (onset, offset,
-label, peak and mean score: ``audioset_dcls/events.py``) from the window scores; ``--format
-audacity`` writes them as an Audacity label track.
+label, peak and mean score: ``tagging/events.py``) from the window scores; ``--format
+audacity`` writes them as an Audacity label track. Every format is written by ``tagging/outputs.py``;
+this module only reads the command line and runs the tagger.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import os
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from .events import EVENT_CSV_COLUMNS, HYSTERESIS, MIN_GAP, audacity_labels, events_table, write_events_csv
-from ..hub.pretrained import DEFAULT_MODEL, PUBLISHED_MODELS
-
-FORMATS = ("table", "json", "jsonl", "csv", "audacity")
-CSV_COLUMNS = ["path", "window", "start", "end", "rank", "index", "mid", "name", "score"]
+from ..hub.published import DEFAULT_MODEL, PUBLISHED_MODELS
+from .events import HYSTERESIS, MIN_GAP
+from .outputs import FORMATS, OutputOptions, end_record, open_writer, window_record
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="infer.py",
+        prog=None,  # infer.py, or "audioset-dcls tag" through the dispatcher
         description="Tag audio files (any format, rate, length) with a published AudioSet model or an "
                     "audioset-dcls checkpoint.",
         epilog="Examples:\n"
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio file, folder (searched recursively by audio extension) or @list.txt "
                         "(one path per line)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", type=Path, help="inference checkpoint (.safetensors)")
+    which.add_argument("--checkpoint", metavar="CHECKPOINT",
+                       help="your model: a .safetensors inference checkpoint, a finished run folder or a published name")
     which.add_argument("--model", choices=list(PUBLISHED_MODELS), default=None, metavar="NAME",
                        help=f"published model ({', '.join(PUBLISHED_MODELS)}), downloaded and cached on first "
                             f"use (default: {DEFAULT_MODEL})")
@@ -118,151 +120,40 @@ def _threshold_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"a number or 'auto', got {text!r}") from None
 
 
-def resolve_threshold(args: argparse.Namespace, info: Any, name: str) -> None:
-    """``--threshold auto`` -> the checkpoint's (C,) calibrated values; the events' threshold:
-    --threshold, else the calibrated values, else 0.5. Raises ValueError (one line) for auto
-    without calibration."""
+@dataclass(frozen=True)
+class Thresholds:
+    """What ``--threshold`` (and the checkpoint's calibration) mean for this run: ``tags``, the
+    cut on listed tags (None, a number, or (C,) calibrated values); ``events``, the events'
+    threshold; ``spec`` and ``note`` say which, for the header and the log."""
+
+    tags: Any
+    events: Any
+    spec: Any
+    note: str
+
+
+def resolve_thresholds(spec: float | str | None, want_events: bool, info: Any, name: str) -> Thresholds:
+    """``--threshold`` -> :class:`Thresholds`: auto = the checkpoint's calibrated per-class values;
+    events without a threshold use them too, else 0.5. ValueError (one line) for auto without
+    calibration."""
     calibrated = info.class_thresholds
-    spec = args.threshold
-    if spec == "auto":
-        if calibrated is None:
-            raise ValueError(f"{name} has no calibrated thresholds for --threshold auto: calibrate them with "
-                             f"python -m audioset_dcls.training.evaluate --checkpoint {name} --shards EVAL_DIR --calibrate, "
-                             "or give a number")
-        args.threshold = np.asarray(calibrated)
-    if spec is None and args.events:
+    if spec == "auto" and calibrated is None:
+        raise ValueError(f"{name} has no calibrated thresholds for --threshold auto: calibrate them with "
+                         f"audioset-dcls evaluate --checkpoint {name} --shards EVAL_DIR --calibrate, or give a number")
+    tags = np.asarray(calibrated) if spec == "auto" else spec
+    if spec is None and want_events:
         spec = "auto" if calibrated is not None else 0.5
-        args.threshold_note = ("calibrated per class" if calibrated is not None else
-                               "0.5 (the checkpoint has no calibrated thresholds; --threshold sets one)")
+        note = ("calibrated per class" if calibrated is not None else
+                "0.5 (the checkpoint has no calibrated thresholds; --threshold sets one)")
     else:
-        args.threshold_note = "calibrated per class" if spec == "auto" else f"{spec:g}" if spec is not None else ""
-    args.threshold_spec = spec
-    args.event_threshold = np.asarray(calibrated) if spec == "auto" else spec
+        note = "calibrated per class" if spec == "auto" else f"{spec:g}" if spec is not None else ""
+    events = np.asarray(calibrated) if spec == "auto" else spec
+    return Thresholds(tags, events, spec, note)
 
 
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(float(seconds), 60.0)
-    h, m = divmod(int(m), 60)
-    return f"{h}:{m:02d}:{s:04.1f}" if h else f"{m}:{s:04.1f}"
-
-
-class _Writer:
-    def __init__(self, stream: IO[str], args: argparse.Namespace, header: dict[str, Any]):
-        self.stream, self.args, self.header = stream, args, header
-
-    def write(self, result: Any, events: list | None = None) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class TableWriter(_Writer):
-    """Readable per-file table; per-window lines show the top 3 tags of each window."""
-
-    def write(self, result: Any, events: list | None = None) -> None:
-        if not result.ok:
-            return  # failures are reported on stderr
-        a = self.args
-        lines = [f"{result.source}  ({result.duration:.1f} s, {result.num_windows} window"
-                 f"{'s' if result.num_windows != 1 else ''}, {result.aggregate} over windows)"]
-        tags = result.top(a.top_k, a.threshold)
-        width = max([len(t.name) for t in tags] + [4])
-        for rank, t in enumerate(tags, 1):
-            lines.append(f"  {rank:>3}  {t.score:6.3f}  {t.name:<{width}}  {t.mid}")
-        if not tags:
-            lines.append("  (no tag above the threshold)")
-        if a.per_window:
-            lines.append("  tags over time:")
-            for i in range(result.num_windows):
-                wt = result.window_top(i, min(3, a.top_k) if a.top_k > 0 else 3, a.threshold)
-                span = f"{_fmt_time(result.starts[i])}-{_fmt_time(result.ends[i])}"
-                lines.append(f"    {span:>17}  " + (", ".join(f"{t.name} {t.score:.2f}" for t in wt) or "-"))
-        if events is not None:
-            lines += ["  events:"] + ["  " + line for line in events_table(events)]
-        self.stream.write("\n".join(lines) + "\n\n")
-        self.stream.flush()
-
-
-class JsonLinesWriter(_Writer):
-    """One JSON object per input and line: {path, duration, num_windows, aggregate, tags[, windows]}
-    or {path, error}."""
-
-    def write(self, result: Any, events: list | None = None) -> None:
-        a = self.args
-        self.stream.write(json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window, events)) + "\n")
-        self.stream.flush()
-
-
-class JsonWriter(_Writer):
-    """One JSON document {checkpoint, model, ..., results: [...]}, written incrementally."""
-
-    def __init__(self, *args: Any):
-        super().__init__(*args)
-        head = json.dumps(self.header, indent=1)[:-2]  # drop the closing "\n}"
-        self.stream.write(head + ',\n "results": [')
-        self.first = True
-
-    def write(self, result: Any, events: list | None = None) -> None:
-        a = self.args
-        self.stream.write(("\n  " if self.first else ",\n  ")
-                          + json.dumps(result.to_dict(a.top_k, a.threshold, a.per_window, events)))
-        self.first = False
-
-    def close(self) -> None:
-        self.stream.write("\n ]\n}\n")
-
-
-class CsvWriter(_Writer):
-    """Long format, one row per tag: path, window ("clip" or 0..W-1), start, end, rank, index,
-    mid, name, score; with --events one row per event instead (``events.EVENT_CSV_COLUMNS``).
-    Failed inputs have no rows (they are reported on stderr)."""
-
-    def __init__(self, *args: Any):
-        super().__init__(*args)
-        self.csv = csv.writer(self.stream, lineterminator="\n")
-        self.csv.writerow(EVENT_CSV_COLUMNS if self.args.events else CSV_COLUMNS)
-
-    def write(self, result: Any, events: list | None = None) -> None:
-        if not result.ok:
-            return
-        if events is not None:
-            write_events_csv(self.csv, result.source, events)
-            self.stream.flush()
-            return
-        a = self.args
-        for rank, t in enumerate(result.top(a.top_k, a.threshold), 1):
-            self.csv.writerow([result.source, "clip", 0.0, round(result.duration, 4), rank, t.index, t.mid,
-                               t.name, f"{t.score:.6f}"])
-        if a.per_window:
-            for i in range(result.num_windows):
-                for rank, t in enumerate(result.window_top(i, a.top_k, a.threshold), 1):
-                    self.csv.writerow([result.source, i, round(float(result.starts[i]), 4),
-                                       round(float(result.ends[i]), 4), rank, t.index, t.mid, t.name,
-                                       f"{t.score:.6f}"])
-        self.stream.flush()
-
-
-class AudacityWriter(_Writer):
-    """The events of one input as an Audacity label track: ``onset<TAB>offset<TAB>label``."""
-
-    def write(self, result: Any, events: list | None = None) -> None:
-        if result.ok and events is not None:
-            audacity_labels(events, self.stream)
-            self.stream.flush()
-
-
-WRITERS = {"table": TableWriter, "json": JsonWriter, "jsonl": JsonLinesWriter, "csv": CsvWriter,
-           "audacity": AudacityWriter}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 all tagged, 1 some input failed, 2 bad usage)."""
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)  # files may follow options: infer.py -q a.wav --hop 5 b.wav
-    if args.list_models:
-        from ..hub.pretrained import format_model_list
-
-        print(format_model_list())
-        return 0
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Refuse option combinations that cannot work: usage errors exit through the parser, bad
+    values come back as one line (None when all is well)."""
     if args.stdin:
         if args.inputs or args.rate is None:
             parser.error("--stdin reads standard input: give --rate (and --channels), and no INPUT")
@@ -277,21 +168,67 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.inputs:
         parser.error("give at least one INPUT (audio file, folder or @list.txt)")
     if args.batch_size < 1 or (args.threads is not None and args.threads < 1) or (args.hop is not None and args.hop <= 0):
-        print("error: --batch-size and --threads must be >= 1 and --hop > 0", file=sys.stderr)
-        return 2
+        return "--batch-size and --threads must be >= 1 and --hop > 0"
     if not 0 < args.hysteresis <= 1 or args.min_gap < 0:
-        print("error: --hysteresis must be in (0, 1] and --min-gap >= 0", file=sys.stderr)
+        return "--hysteresis must be in (0, 1] and --min-gap >= 0"
+    return None
+
+
+def load_tagger(args: argparse.Namespace) -> Any:
+    """The Tagger the options name (``--checkpoint`` reference, else ``--model``)."""
+    from .tagger import Tagger
+
+    return Tagger.from_checkpoint(args.checkpoint or args.model or DEFAULT_MODEL, offline=True if args.offline else None,
+                                  progress=not args.quiet, device=args.device, batch_size=args.batch_size,
+                                  hop_seconds=args.hop, aggregate=args.aggregate, threads=args.threads,
+                                  bake=not args.no_bake, precision=args.precision)
+
+
+def describe_run(args: argparse.Namespace, tagger: Any, th: Thresholds, source: str) -> dict[str, Any]:
+    """The header of the JSON output; unless ``--quiet``, the same told on stderr."""
+    from .tagger import cpu_has_native_bf16
+
+    header = {"checkpoint": str(args.checkpoint or args.model or DEFAULT_MODEL), "model": tagger.info.model_name,
+              "num_classes": tagger.info.num_classes, "task": tagger.info.task, "hop_seconds": tagger.hop_seconds,
+              "window_seconds": tagger.features.clip_seconds, "aggregate": tagger.aggregate,
+              "precision": tagger.precision, "threshold": th.spec}
+    if args.quiet:
+        return header
+    import torch
+
+    if tagger.precision == "bf16" and tagger.device.type == "cpu" and cpu_has_native_bf16() is False:
+        print("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 is emulated and likely "
+              "slower than --precision fp32", file=sys.stderr)
+    threads = f", {torch.get_num_threads()} CPU threads" if tagger.device.type == "cpu" else ""
+    print(f"{tagger.info.model_name} ({'training form' if args.no_bake else 'baked'}), "
+          f"{tagger.info.num_classes} labels, device {tagger.device}{threads}, {tagger.precision}, "
+          f"batch {1 if args.stdin else tagger.batch_size}, "
+          f"{tagger.features.clip_seconds:g} s windows every {tagger.hop_seconds:g} s; {source}", file=sys.stderr)
+    if args.events:
+        print(f"events: threshold {th.note}, hysteresis {args.hysteresis:g}, min gap {args.min_gap:g} s",
+              file=sys.stderr)
+    return header
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 all tagged, 1 some input failed, 2 bad usage)."""
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)  # files may follow options: infer.py -q a.wav --hop 5 b.wav
+    if args.list_models:
+        from ..hub.pretrained import format_model_list
+
+        print(format_model_list())
+        return 0
+    problem = check_args(parser, args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.format == "audacity":
-        args.events = True
+    args.events = args.events or args.format == "audacity"
+    from .inputs import expand_inputs
 
-    from tqdm import tqdm
-
-    from .tagger import TagFailure, Tagger, cpu_has_native_bf16, expand_inputs, plot_tags
-
-    skipped: list[TagFailure] = []  # in the folders: dangling links, unreadable files and sub-folders
+    skipped: list[Any] = []  # in the folders: dangling links, unreadable files and sub-folders
     try:
-        files = ["<stdin>"] if args.stdin else expand_inputs(args.inputs, problems=skipped)
+        files = [] if args.stdin else expand_inputs(args.inputs, problems=skipped)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -299,61 +236,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --format audacity writes one label track: give one input, not {len(files) + len(skipped)}",
               file=sys.stderr)
         return 2
-    if not files:
+    if not args.stdin and not files:
         for failure in skipped:
             print(f"error: {failure.source}: {failure.reason}", file=sys.stderr)
         print(f"error: no audio files {'could be read' if skipped else 'found'} in {' '.join(args.inputs)}",
               file=sys.stderr)
         return 1
-    options = dict(device=args.device, batch_size=args.batch_size, hop_seconds=args.hop, aggregate=args.aggregate,
-                   threads=args.threads, bake=not args.no_bake, precision=args.precision)
     try:
-        if args.checkpoint is not None:
-            tagger = Tagger.from_checkpoint(args.checkpoint, **options)
-        else:
-            tagger = Tagger.from_pretrained(args.model or DEFAULT_MODEL, offline=True if args.offline else None,
-                                            progress=not args.quiet, **options)
-        resolve_threshold(args, tagger.info, str(args.checkpoint or args.model or DEFAULT_MODEL))
+        tagger = load_tagger(args)
+        th = resolve_thresholds(args.threshold, args.events, tagger.info,
+                                str(args.checkpoint or args.model or DEFAULT_MODEL))
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    import torch
-
-    if tagger.precision == "bf16" and tagger.device.type == "cpu" and cpu_has_native_bf16() is False and not args.quiet:
-        print("warning: this CPU has no native bf16 (avx512_bf16/amx_bf16): bf16 is emulated and likely "
-              "slower than --precision fp32", file=sys.stderr)
-    header = {
-        "checkpoint": str(args.checkpoint) if args.checkpoint is not None else args.model or DEFAULT_MODEL,
-        "model": tagger.info.model_name,
-        "num_classes": tagger.info.num_classes,
-        "task": tagger.info.task,
-        "hop_seconds": tagger.hop_seconds,
-        "window_seconds": tagger.features.clip_seconds,
-        "aggregate": tagger.aggregate,
-        "precision": tagger.precision,
-        "threshold": args.threshold_spec,
-    }
-    if not args.quiet:
-        threads = f", {torch.get_num_threads()} CPU threads" if tagger.device.type == "cpu" else ""
-        source = (f"standard input (s16le, {args.rate} Hz, {args.channels} channel(s))" if args.stdin
-                  else f"{len(files)} input(s)")
-        print(f"{tagger.info.model_name} ({'training form' if args.no_bake else 'baked'}), "
-              f"{tagger.info.num_classes} labels, device {tagger.device}{threads}, {tagger.precision}, "
-              f"batch {1 if args.stdin else tagger.batch_size}, "
-              f"{tagger.features.clip_seconds:g} s windows every {tagger.hop_seconds:g} s; {source}", file=sys.stderr)
-        if args.events:
-            print(f"events: threshold {args.threshold_note}, hysteresis {args.hysteresis:g}, min gap {args.min_gap:g} s",
-                  file=sys.stderr)
-
+    source = (f"standard input (s16le, {args.rate} Hz, {args.channels} channel(s))" if args.stdin
+              else f"{len(files)} input(s)")
+    header = describe_run(args, tagger, th, source)
     if args.stdin:
-        return run_stdin(args, tagger)
-    failed = len(skipped)
-    embeddings: list[np.ndarray] = []
-    embedded_paths: list[str] = []
+        return run_stdin(args, tagger, th)
+    return run_files(args, tagger, th, files, skipped, header)
+
+
+def run_files(args: argparse.Namespace, tagger: Any, th: Thresholds, files: list[str], skipped: list[Any],
+              header: dict[str, Any]) -> int:
+    """Tag ``files`` (``skipped``: folder entries already known to fail) into the chosen format;
+    plots and embeddings as asked. Exit status 1 when any input failed."""
+    from tqdm import tqdm
+
+    from .plot import plot_tags
+
+    options = OutputOptions(args.top_k, th.tags, args.per_window, args.events)
+    failed, embeddings, embedded = len(skipped), [], []
     with ExitStack() as stack:
         stream = stack.enter_context(open(args.output, "w", newline="")) if args.output else sys.stdout
-        writer = WRITERS[args.format](stream, args, header)
+        writer = open_writer(args.format, stream, options, header)
         for failure in skipped:
             print(f"error: {failure.source}: {failure.reason}", file=sys.stderr)
             writer.write(failure)
@@ -366,9 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"error: {result.source}: {result.reason}", file=sys.stderr)
                 elif result.warning:
                     print(f"warning: {result.source}: {result.warning}", file=sys.stderr)
-                events = None
-                if args.events and result.ok:
-                    events = result.events(args.event_threshold, hysteresis=args.hysteresis, min_gap=args.min_gap)
+                events = (result.events(th.events, hysteresis=args.hysteresis, min_gap=args.min_gap)
+                          if args.events and result.ok else None)
                 writer.write(result, events)
                 if result.ok and args.plot is not None:
                     out = args.plot if len(files) == 1 else args.plot.with_name(
@@ -380,14 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                         return 2
             if result.ok and result.embedding is not None:
                 embeddings.append(result.embedding)
-                embedded_paths.append(result.source)
+                embedded.append(result.source)
             bar.update(1)
         writer.close()
     if args.embeddings is not None:
-        dim = embeddings[0].shape[0] if embeddings else 0
-        np.save(args.embeddings, np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32))
-        Path(str(args.embeddings.with_suffix("")) + ".paths.txt").write_text(
-            "".join(p + "\n" for p in embedded_paths))
+        save_embeddings(args.embeddings, embeddings, embedded)
     if not args.quiet or failed:
         total = len(files) + len(skipped)
         print(f"tagged {total - failed} of {total} input(s)" + (f"; {failed} failed" if failed else ""),
@@ -395,17 +307,24 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def run_stdin(args: argparse.Namespace, tagger: Any) -> int:
-    """--stdin: PCM from standard input -> one flushed JSONL line per window as it is scored,
-    ``{"window", "start", "end", "tags"[, "events"]}`` (``events``: those that closed with this
-    window), then ``{"end_of_input": true, "duration", "num_windows"[, "events"]}``. Exit 0 at the
-    end of input or when the reader goes away (broken pipe), 1 when no audio came, 130 on Ctrl-C."""
-    import os
+def save_embeddings(path: Path, embeddings: list[np.ndarray], sources: list[str]) -> None:
+    """``path`` (.npy, files x D float32) and ``path`` minus suffix + ``.paths.txt`` in the same order."""
+    dim = embeddings[0].shape[0] if embeddings else 0
+    np.save(path, np.stack(embeddings) if embeddings else np.zeros((0, dim), np.float32))
+    Path(str(path.with_suffix("")) + ".paths.txt").write_text("".join(p + "\n" for p in sources))
 
-    from .events import EventTracker
-    from .tagger import SlidingWindows, stream_pcm, top_tags
 
+def run_stdin(args: argparse.Namespace, tagger: Any, th: Thresholds) -> int:
+    """--stdin: PCM from standard input -> one flushed JSONL line per window as it is scored
+    (:func:`.outputs.window_record`: the events that closed with this window), then
+    :func:`.outputs.end_record`. Exit 0 at the end of input or when the reader goes away
+    (broken pipe), 1 when no audio came, 130 on Ctrl-C."""
     import torch
+
+    from ..audio.stream import stream_pcm
+    from .events import EventTracker
+    from .results import top_tags
+    from .windows import SlidingWindows
 
     cfg = tagger.features
     # One window of silence first: the first forward pass sets up the kernels (several times the
@@ -413,24 +332,19 @@ def run_stdin(args: argparse.Namespace, tagger: Any) -> int:
     tagger.forward_windows(torch.zeros(1, cfg.clip_samples))
     blocks = stream_pcm(sys.stdin.buffer, args.rate, args.channels, cfg.sample_rate)
     sliding = SlidingWindows(blocks, cfg.clip_samples, tagger.hop_samples)
-    tracker = EventTracker(args.event_threshold, tagger.labels, hop_seconds=tagger.hop_seconds,
+    tracker = EventTracker(th.events, tagger.labels, hop_seconds=tagger.hop_seconds,
                            hysteresis=args.hysteresis, min_gap=args.min_gap) if args.events else None
     stream = open(args.output, "w") if args.output else sys.stdout
     n = 0
     try:
         for start, end, scores in tagger.tag_live(sliding):
-            record: dict[str, Any] = {"window": n, "start": round(start, 4), "end": round(end, 4),
-                                      "tags": [t.to_dict() for t in top_tags(scores, tagger.labels, args.top_k,
-                                                                             args.threshold)]}
-            if tracker is not None:
-                record["events"] = [e.to_dict() for e in tracker.push(start, end, scores)]
+            events = tracker.push(start, end, scores) if tracker is not None else None
+            record = window_record(n, start, end, top_tags(scores, tagger.labels, args.top_k, th.tags), events)
             stream.write(json.dumps(record) + "\n")
             stream.flush()
             n += 1
         duration = sliding.num_samples / cfg.sample_rate
-        final: dict[str, Any] = {"end_of_input": True, "duration": round(duration, 4), "num_windows": n}
-        if tracker is not None:
-            final["events"] = [e.to_dict() for e in tracker.finish(duration)]
+        final = end_record(duration, n, tracker.finish(duration) if tracker is not None else None)
         stream.write(json.dumps(final) + "\n")
         stream.flush()
     except BrokenPipeError:

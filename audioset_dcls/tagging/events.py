@@ -22,21 +22,18 @@ The tagger scores windows of the training clip length (10 s) every ``hop`` secon
 
 :class:`EventTracker` does this one window at a time (live input: an event is reported as soon as
 it has closed); :func:`detect_events` runs it over a whole file, so both give the same events.
-Writers: :func:`events_table`, :func:`write_events_csv`, :func:`audacity_labels` (an Audacity
-label track, ``onset<TAB>offset<TAB>label`` per line, seconds).
+Events are written (table, CSV, JSON, Audacity label track) by :mod:`.outputs`.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 from dataclasses import dataclass
-from typing import IO, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Event", "EventTracker", "detect_events", "class_thresholds", "events_table", "EVENT_CSV_COLUMNS",
-           "write_events_csv", "audacity_labels", "HYSTERESIS", "MIN_GAP"]
+__all__ = ["Event", "EventTracker", "detect_events", "class_thresholds", "HYSTERESIS", "MIN_GAP"]
 
 HYSTERESIS = 0.8  # the lower threshold that keeps an event going, as a fraction of the class's threshold
 MIN_GAP = 1.0  # seconds of windows below it that do not end an event
@@ -185,39 +182,3 @@ def detect_events(window_scores: np.ndarray, starts: np.ndarray, ends: np.ndarra
         events += tracker.push(float(start), float(end), scores)
     events += tracker.finish(duration)
     return sorted(events, key=lambda e: (e.onset, e.index, e.offset))
-
-
-# --------------------------------------------------------------------------------------------
-# Writers
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(float(seconds), 60.0)
-    h, m = divmod(int(m), 60)
-    return f"{h}:{m:02d}:{s:04.1f}" if h else f"{m}:{s:04.1f}"
-
-
-def events_table(events: Sequence[Event]) -> list[str]:
-    """Readable lines, one per event: ``  0:15.0-0:25.0  High tone  peak 0.93 mean 0.81``."""
-    if not events:
-        return ["  (no events)"]
-    width = max(len(e.name) for e in events)
-    return [f"  {_clock(e.onset):>8}-{_clock(e.offset):<8}  {e.name:<{width}}  peak {e.peak:.2f} mean {e.mean:.2f}"
-            for e in events]
-
-
-EVENT_CSV_COLUMNS = ["path", "onset", "offset", "index", "mid", "name", "peak", "mean"]
-
-
-def write_events_csv(writer: Any, path: str, events: Sequence[Event]) -> None:
-    """Rows ``EVENT_CSV_COLUMNS`` of one input's events to a ``csv.writer``."""
-    for e in events:
-        writer.writerow([path, f"{e.onset:.3f}", f"{e.offset:.3f}", e.index, e.mid, e.name, f"{e.peak:.6f}",
-                         f"{e.mean:.6f}"])
-
-
-def audacity_labels(events: Sequence[Event], stream: IO[str]) -> None:
-    """An Audacity label track (File > Import > Labels): ``onset<TAB>offset<TAB>label`` per line."""
-    w = csv.writer(stream, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, escapechar="\\")
-    for e in events:
-        w.writerow([f"{e.onset:.6f}", f"{e.offset:.6f}", e.name.replace("\t", " ")])

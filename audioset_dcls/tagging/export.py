@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hub.checkpoint import load_model
 from ..features import Normalization
+from ..hub.checkpoint import load_model
+from ..hub.references import resolve_reference
 
 __all__ = ["NormalizedModel", "export_onnx", "main"]
 
@@ -107,8 +108,9 @@ def check_onnx(checkpoint: str | Path, onnx_path: str | Path, *, include_normali
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m audioset_dcls.tagging.export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path, help="inference checkpoint (.safetensors)")
+    p = argparse.ArgumentParser(prog="audioset-dcls export", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a .safetensors inference checkpoint, a finished run folder or a published name")
     p.add_argument("--onnx", required=True, type=Path, help="output .onnx file")
     p.add_argument("--no-normalization", action="store_true",
                    help="leave the (x - mean) / std step out of the graph (input = normalised log-mel)")
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random inputs")
     args = p.parse_args(argv)
     try:
-        out = export_onnx(args.checkpoint, args.onnx, include_normalization=not args.no_normalization,
+        checkpoint = resolve_reference(args.checkpoint).path
+        out = export_onnx(checkpoint, args.onnx, include_normalization=not args.no_normalization,
                           opset=args.opset)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): logmel (batch, 1, n_mels, frames) -> logits; "
           f"normalisation {'included' if not args.no_normalization else 'not included'}")
     if args.check:
-        diff = check_onnx(args.checkpoint, out, include_normalization=not args.no_normalization)
+        diff = check_onnx(checkpoint, out, include_normalization=not args.no_normalization)
         print(f"onnxruntime vs PyTorch: max |logit difference| = {diff:.2e}")
     return 0
 

@@ -4,17 +4,8 @@ The tagger uses only what the checkpoint says about itself (``checkpoint.Checkpo
 model, the front-end settings, the normalisation and the label names. DCLS layers are baked into
 plain depthwise convolutions (``checkpoint.load_model(bake=True)``).
 
-Long audio is cut into 10 s windows (the training clip length) every ``hop_seconds``:
-
-* windows start at 0, hop, 2*hop, ... as long as they end inside the audio;
-* if the last of those ends before the audio does, one more window is added that **ends exactly
-  at the end of the audio** (it starts at ``duration - 10 s``), so every window is full of real
-  audio and the tail is never scored on mostly padding;
-* audio of 10 s or less gives one window, zero-padded at the end exactly like in training
-  (``features.pad_or_trim``).
-
-See :func:`window_starts`. A 35 s file with hop 5 s gives 6 windows (0-10, ..., 25-35); a 37 s file
-gives 7 (0-10, ..., 25-35, 27-37).
+Long audio is cut into 10 s windows (the training clip length) every ``hop_seconds`` by the rule
+of :mod:`.windows`.
 
 Files are streamed: read in blocks (``soundfile``), downmixed, resampled with a streaming soxr
 resampler (its output does not depend on the block size and equals ``soxr.resample`` of the
@@ -32,106 +23,25 @@ a pipe) one by one as their audio arrives, with the same windows and scores as a
 from __future__ import annotations
 
 import collections
-import math
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ..hub.checkpoint import CheckpointInfo, load_model, probabilities
-from .events import HYSTERESIS, MIN_GAP, Event, detect_events
 from ..audio.decode import AudioDecodeError, error_line, to_mono_resampled
-from ..audio.stream import stream_audio, stream_pcm
-from ..features import FeatureConfig, LogMel, pad_or_trim
-from ..hub.pretrained import DEFAULT_MODEL, fetch_pretrained
+from ..audio.stream import stream_audio
+from ..features import FeatureConfig, LogMel
+from ..hub.checkpoint import CheckpointInfo, load_model, probabilities
+from ..hub.published import DEFAULT_MODEL
+from ..hub.references import resolve_reference
+from .results import TagFailure, TagResult, label_records
+from .windows import SlidingWindows
 
-__all__ = [
-    "Tag",
-    "TagResult",
-    "TagFailure",
-    "Tagger",
-    "window_starts",
-    "SlidingWindows",
-    "stream_audio",
-    "stream_pcm",
-    "resolve_device",
-    "set_cpu_threads",
-]
+__all__ = ["Tagger", "resolve_device", "resolve_precision", "set_cpu_threads", "cpu_has_native_bf16"]
 
 AGGREGATES = ("max", "mean")
-
-
-# --------------------------------------------------------------------------------------------
-# Windows
-# --------------------------------------------------------------------------------------------
-
-
-def window_starts(num_samples: int, clip_samples: int, hop_samples: int) -> list[int]:
-    """Start samples of the windows over ``num_samples`` of audio (the rule in the module doc).
-
-    Returns a list of ints, never empty: ``[0]`` for audio no longer than one clip.
-    """
-    if hop_samples <= 0:
-        raise ValueError(f"hop must be positive, got {hop_samples} samples")
-    if num_samples <= clip_samples:
-        return [0]
-    starts = list(range(0, num_samples - clip_samples + 1, hop_samples))
-    if starts[-1] + clip_samples < num_samples:
-        starts.append(num_samples - clip_samples)
-    return starts
-
-
-class SlidingWindows:
-    """Cut a stream of mono blocks into fixed-length windows without holding the whole signal.
-
-    Iterating yields ``(start_sample, window)`` with window float32 of shape (clip_samples,);
-    the starts are exactly ``window_starts(total, clip, hop)``. After the iteration
-    ``num_samples`` holds the total length of the stream. At most about
-    ``clip + hop + one block`` samples are held at any time.
-    """
-
-    def __init__(self, blocks: Iterable[np.ndarray], clip_samples: int, hop_samples: int):
-        if hop_samples <= 0:
-            raise ValueError(f"hop must be positive, got {hop_samples} samples")
-        self.blocks = blocks
-        self.clip = clip_samples
-        self.hop = hop_samples
-        self.num_samples = 0
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        clip, hop = self.clip, self.hop
-        buf = np.zeros(0, np.float32)
-        buf_start = 0  # absolute index of buf[0]
-        next_start = 0
-        last_end = 0  # end of the last window yielded
-        total = 0
-        for block in self.blocks:
-            if block.size == 0:
-                continue
-            buf = np.concatenate([buf, block.astype(np.float32, copy=False)])
-            total += block.shape[0]
-            while next_start + clip <= total:
-                s = next_start - buf_start
-                yield next_start, buf[s : s + clip].copy()
-                last_end = next_start + clip
-                next_start += hop
-            # Keep what the next regular window needs, and always the last clip's worth of
-            # samples: the final end-aligned window may need them once the stream ends.
-            keep_from = max(buf_start, min(next_start, total - clip))
-            buf = buf[keep_from - buf_start :]
-            buf_start = keep_from
-        self.num_samples = total
-        if total == 0:
-            return
-        if last_end == 0:  # shorter than one clip: pad like training does
-            yield 0, pad_or_trim(buf[:total], clip).astype(np.float32, copy=False)
-        elif last_end < total:
-            start = total - clip
-            yield start, buf[start - buf_start :].copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,142 +62,6 @@ def _array_blocks(audio: np.ndarray | torch.Tensor, sr: int, sample_rate: int) -
     if not np.all(np.isfinite(audio)):
         raise ValueError("audio array contains NaN or infinite samples")
     yield to_mono_resampled(audio, sr, sample_rate)
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tag:
-    """One label with its score."""
-
-    index: int
-    mid: str
-    name: str
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "mid": self.mid, "name": self.name, "score": round(float(self.score), 6)}
-
-
-def _labels_or_default(info: CheckpointInfo) -> list[dict[str, Any]]:
-    if info.labels:
-        return [{"index": int(lab.get("index", i)), "mid": str(lab.get("mid", "")), "name": str(lab["name"])}
-                for i, lab in enumerate(info.labels)]
-    return [{"index": i, "mid": "", "name": f"class_{i}"} for i in range(info.num_classes)]
-
-
-Threshold = float | Sequence[float] | np.ndarray  # one number, or (C,) per class (calibrated)
-
-
-def top_tags(scores: np.ndarray, labels: Sequence[dict[str, Any]], k: int = 10,
-             threshold: Threshold | None = None) -> list[Tag]:
-    """Highest scores first: the ``k`` best (``k <= 0``: all), then those ``>= threshold`` (one
-    number, or (C,) per-class values such as ``CheckpointInfo.class_thresholds``)."""
-    order = np.argsort(-scores, kind="stable")
-    if k and k > 0:
-        order = order[:k]
-    tags = [Tag(int(i), labels[i]["mid"], labels[i]["name"], float(scores[i])) for i in order]
-    if threshold is not None:
-        cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), scores.shape)
-        tags = [t for t in tags if t.score >= cut[t.index]]
-    return tags
-
-
-@dataclass
-class TagResult:
-    """Tags of one input.
-
-    Attributes:
-        source: the path, or ``"<array>"``.
-        duration: seconds of audio (before any padding).
-        starts, ends: (W,) window start/end times in seconds (``end`` is capped at ``duration``
-            for a padded short clip).
-        window_scores: (W, C) sigmoid scores per window ("tags over time"); softmax for a
-            single-label checkpoint (``info.task``).
-        scores: (C,) clip-level scores: ``aggregate`` ("max" or "mean") over the windows.
-            (A single-label checkpoint's window scores are softmax probabilities: they sum to 1,
-            and so do its clip scores with the "mean" aggregate, its default.)
-        window_embeddings: (W, D) pooled features per window, or None.
-        embedding: (D,) mean of the window embeddings, or None.
-        warning: one line when the tags deserve little trust (a file shorter than one analysis
-            window), else None.
-        hop_seconds: the step between windows (for :meth:`events`).
-    """
-
-    source: str
-    duration: float
-    starts: np.ndarray
-    ends: np.ndarray
-    window_scores: np.ndarray
-    scores: np.ndarray
-    aggregate: str
-    labels: list[dict[str, Any]]
-    window_embeddings: np.ndarray | None = None
-    embedding: np.ndarray | None = None
-    warning: str | None = None
-    hop_seconds: float = 10.0
-
-    ok = True
-
-    @property
-    def num_windows(self) -> int:
-        return int(self.window_scores.shape[0])
-
-    def top(self, k: int = 10, threshold: Threshold | None = None) -> list[Tag]:
-        """Clip-level top tags (see :func:`top_tags`)."""
-        return top_tags(self.scores, self.labels, k, threshold)
-
-    def window_top(self, window: int, k: int = 10, threshold: Threshold | None = None) -> list[Tag]:
-        """Top tags of one window."""
-        return top_tags(self.window_scores[window], self.labels, k, threshold)
-
-    def events(self, threshold: Threshold, *, hysteresis: float = HYSTERESIS, min_gap: float = MIN_GAP) -> list[Event]:
-        """Sound events with onset and offset (``events.detect_events``): per class, runs of windows
-        above ``threshold`` (one number or (C,) per class), sorted by onset."""
-        return detect_events(self.window_scores, self.starts, self.ends, self.duration, threshold, self.labels,
-                             hop_seconds=self.hop_seconds, hysteresis=hysteresis, min_gap=min_gap)
-
-    def to_dict(self, k: int = 10, threshold: Threshold | None = None, per_window: bool = False,
-                events: Sequence[Event] | None = None) -> dict[str, Any]:
-        """JSON-ready summary: path, duration, windows, aggregate, tags (and windows' tags, events)."""
-        d: dict[str, Any] = {
-            "path": self.source,
-            "duration": round(self.duration, 4),
-            "num_windows": self.num_windows,
-            "aggregate": self.aggregate,
-            "tags": [t.to_dict() for t in self.top(k, threshold)],
-        }
-        if self.warning:
-            d["warning"] = self.warning
-        if per_window:
-            d["windows"] = [
-                {"start": round(float(s), 4), "end": round(float(e), 4),
-                 "tags": [t.to_dict() for t in self.window_top(i, k, threshold)]}
-                for i, (s, e) in enumerate(zip(self.starts, self.ends))
-            ]
-        if events is not None:
-            d["events"] = [e.to_dict() for e in events]
-        return d
-
-
-@dataclass
-class TagFailure:
-    """An input that could not be tagged: ``reason`` is one line (without the file name).
-
-    ``kind``: ``"missing"``, ``"empty"`` or ``"unreadable"`` (an ``AudioDecodeError.kind``), or
-    ``"error"`` for any other failure (e.g. an invalid array).
-    """
-
-    source: str
-    reason: str
-    kind: str = "error"
-    ok = False
-
-    def to_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return {"path": self.source, "error": self.reason, "kind": self.kind}
 
 
 @dataclass
@@ -405,7 +179,7 @@ class Tagger:
         self.model = model.to(self.device).eval()
         self.info = info
         self.features: FeatureConfig = info.features
-        self.labels = _labels_or_default(info)
+        self.labels = label_records(info)
         self.batch_size = int(batch_size)
         self.hop_seconds = float(hop_seconds) if hop_seconds is not None else self.features.clip_seconds
         if self.hop_seconds <= 0:
@@ -417,7 +191,7 @@ class Tagger:
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        checkpoint: str | Path,
         *,
         device: str | torch.device = "auto",
         batch_size: int = 8,
@@ -426,14 +200,20 @@ class Tagger:
         threads: int | None = None,
         bake: bool = True,
         precision: str = "auto",
+        offline: bool | None = None,
+        progress: bool = True,
     ) -> "Tagger":
-        """Load a safetensors inference checkpoint (never unpickles) and build a tagger.
+        """A tagger from any checkpoint reference (:func:`audioset_dcls.hub.references.resolve_reference`:
+        a published name, fetched on first use, an inference checkpoint or a finished run folder);
+        safetensors only, never unpickles.
 
         ``hop_seconds`` defaults to the clip length (non-overlapping windows); ``threads`` sets
         PyTorch's CPU thread count for the whole process (see :func:`set_cpu_threads`);
         ``bake=False`` keeps DCLS layers in training form (same scores, slower); ``precision``:
-        see :func:`resolve_precision` (auto: bf16 on CUDA, fp32 on the CPU).
+        see :func:`resolve_precision` (auto: bf16 on CUDA, fp32 on the CPU); ``offline`` (default
+        ``$AUDIOSET_DCLS_OFFLINE``) and ``progress`` apply to a published name's download.
         """
+        path = resolve_reference(checkpoint, need="inference", offline=offline, progress=progress).path
         set_cpu_threads(threads)
         dev = resolve_device(device)
         model, info = load_model(path, bake=bake, device=dev)
@@ -446,7 +226,7 @@ class Tagger:
         """A tagger with a published model (``audioset_dcls.hub.pretrained.PUBLISHED_MODELS``),
         downloaded and converted into the cache on first use; ``kwargs`` as :meth:`from_checkpoint`.
         ``offline`` (default ``$AUDIOSET_DCLS_OFFLINE``): use the cache only."""
-        return cls.from_checkpoint(fetch_pretrained(name, offline=offline, progress=progress), **kwargs)
+        return cls.from_checkpoint(name, offline=offline, progress=progress, **kwargs)
 
     @property
     def hop_samples(self) -> int:
@@ -613,161 +393,3 @@ class Tagger:
             warning=warning,
             hop_seconds=self.hop_seconds,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf",
-                    ".m4a", ".mp4", ".aac", ".opus", ".webm", ".mkv", ".wma")
-
-
-def expand_inputs(inputs: Sequence[str], extensions: Sequence[str] = AUDIO_EXTENSIONS,
-                  problems: list[TagFailure] | None = None) -> list[str]:
-    """Files as given; folders searched recursively for audio extensions (sorted; symbolic
-    links to folders are not followed); ``@list.txt`` read as one path per line (blank lines
-    and ``#`` comments skipped, relative paths taken from the list file's folder). A missing path
-    is kept, so it is reported later.
-
-    What a folder holds but cannot be tagged is never left out silently: a dangling symbolic
-    link (kind ``"missing"``), an audio file this process may not read or that is not a regular
-    file, a sub-folder that cannot be listed (``"unreadable"``) go to ``problems`` as
-    :class:`TagFailure` when a list is given, and stay in the result otherwise (tagging then
-    reports them)."""
-    exts = {e.lower() for e in extensions}
-    out: list[str] = []
-    for item in inputs:
-        if item.startswith("@"):
-            list_path = Path(item[1:])
-            for line in list_path.read_text().splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                p = Path(line)
-                out.extend(expand_inputs([str(p if p.is_absolute() else list_path.parent / p)], extensions, problems))
-        elif os.path.isdir(item):
-            found, bad = _walk_audio(item, exts)
-            if problems is None:
-                found += [b.source for b in bad]
-            else:
-                problems.extend(bad)
-            out.extend(sorted(found))
-        else:
-            out.append(item)
-    return out
-
-
-def _walk_audio(folder: str, exts: set[str]) -> tuple[list[str], list[TagFailure]]:
-    """(audio files under ``folder``, entries that cannot be tagged with why)."""
-    found: list[str] = []
-    bad: list[TagFailure] = []
-
-    def unlisted(err: OSError) -> None:
-        bad.append(TagFailure(str(err.filename), f"cannot list this folder ({err.strerror}): its files are not tagged",
-                              "unreadable"))
-
-    for root, _, names in os.walk(folder, onerror=unlisted):
-        for name in names:
-            if os.path.splitext(name)[1].lower() not in exts:
-                continue
-            path = os.path.join(root, name)
-            try:
-                mode = os.stat(path).st_mode
-            except FileNotFoundError:
-                bad.append(TagFailure(path, f"dangling symbolic link (to {os.readlink(path)})", "missing"))
-                continue
-            except OSError as err:  # a symbolic link loop, a permission on the way
-                bad.append(TagFailure(path, f"cannot be read ({err.strerror})", "unreadable"))
-                continue
-            if not stat.S_ISREG(mode):
-                bad.append(TagFailure(path, "not a regular file (a pipe, socket or device)", "unreadable"))
-            elif not os.access(path, os.R_OK):
-                bad.append(TagFailure(path, "cannot be read (permission denied)", "unreadable"))
-            else:
-                found.append(path)
-    bad.sort(key=lambda b: b.source)
-    return found, bad
-
-
-def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str | Path | None = None,
-              features: FeatureConfig | None = None, max_columns: int = 4000,
-              events: Sequence[Event] | None = None) -> Path:
-    """Draw the log-mel spectrogram of ``result.source`` with the top-``k`` tags over time, and
-    with ``events`` (``TagResult.events``) one bar per event under it, a row per class.
-
-    Needs matplotlib (``pip install matplotlib``). The spectrogram is streamed and
-    time-pooled to at most ``max_columns`` columns, so hours of audio stay cheap.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)") from None
-    cfg = features or FeatureConfig()
-    spec = _streamed_spectrogram(audio_path or result.source, cfg, max_columns)
-    tags = result.top(k)
-    rows = sorted({e.index: e.name for e in events or ()}.items())
-    ratios = [2, 1] + ([max(0.6, 0.25 * len(rows))] if events is not None else [])
-    fig, axes = plt.subplots(len(ratios), 1, figsize=(12, 6 + (1.5 if events is not None else 0)), sharex=True,
-                             gridspec_kw={"height_ratios": ratios}, squeeze=False)
-    ax0, ax1 = axes[0, 0], axes[1, 0]
-    ax0.imshow(spec, origin="lower", aspect="auto", cmap="magma", extent=(0, result.duration, 0, cfg.n_mels))
-    ax0.set_ylabel("mel bin")
-    ax0.set_title(Path(result.source).name)
-    centres = (result.starts + result.ends) / 2
-    for t in tags:
-        if result.num_windows > 1:
-            ax1.plot(centres, result.window_scores[:, t.index], marker=".", label=t.name)
-        else:
-            ax1.bar([t.name], [t.score])
-    ax1.set_ylim(0, 1)
-    ax1.set_ylabel("score")
-    if result.num_windows > 1:
-        ax1.legend(loc="upper right", fontsize="small")
-    if events is not None:
-        ax2 = axes[2, 0]
-        row_of = {index: row for row, (index, _) in enumerate(rows)}
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for e in events:
-            row = row_of[e.index]
-            ax2.broken_barh([(e.onset, max(e.offset - e.onset, 1e-3))], (row - 0.4, 0.8),
-                            facecolors=colours[row % len(colours)], alpha=0.4 + 0.6 * min(1.0, e.peak))
-        ax2.set_yticks(range(len(rows)), [name for _, name in rows], fontsize="small")
-        ax2.set_ylim(-0.6, max(len(rows), 1) - 0.4)
-        ax2.set_xlim(0, result.duration)
-        ax2.set_ylabel("events")
-        if not rows:
-            ax2.text(0.5, 0.5, "no events", transform=ax2.transAxes, ha="center", va="center")
-    axes[-1, 0].set_xlabel("time (s)")
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def _streamed_spectrogram(path: str | Path, cfg: FeatureConfig, max_columns: int) -> np.ndarray:
-    """Log-mel (n_mels, <= max_columns) of a whole file, 10 s at a time, averaged in time."""
-    logmel = LogMel(cfg)
-    cols: list[np.ndarray] = []
-    clip = cfg.clip_samples
-    buf = np.zeros(0, np.float32)
-    with torch.no_grad():
-        for block in stream_audio(path, cfg.sample_rate):
-            buf = np.concatenate([buf, block])
-            while buf.shape[0] >= clip:
-                cols.append(logmel(torch.from_numpy(buf[:clip]))[:, :-1].numpy())
-                buf = buf[clip:]
-        if buf.shape[0]:
-            # reflect padding needs at least n_fft // 2 + 1 samples; a tiny tail is padded
-            tail = pad_or_trim(buf, max(buf.shape[0], cfg.n_fft))
-            cols.append(logmel(torch.from_numpy(tail))[:, :-1].numpy())
-    spec = np.concatenate(cols, axis=1) if cols else np.zeros((cfg.n_mels, 1), np.float32)
-    pool = max(1, math.ceil(spec.shape[1] / max_columns))
-    if pool > 1:
-        t = spec.shape[1] // pool * pool
-        spec = spec[:, :t].reshape(spec.shape[0], -1, pool).mean(-1)
-    return spec

@@ -53,11 +53,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..hub.checkpoint import probabilities
 from ..data import ShardSet, build_eval_loader, move_batch
 from ..features import Normalization
 from ..files import atomic_open, write_json, write_text
-from ..metrics import MIN_POSITIVES, calibrate_thresholds, classification_metrics, tagging_metrics
+from ..hub.checkpoint import probabilities
+from ..metrics import (
+    MIN_POSITIVES,
+    calibrate_thresholds,
+    classification_metrics,
+    tagging_metrics,
+)
 from ..shards.format import hash_ids
 
 __all__ = [
@@ -290,7 +295,7 @@ def _mixed_precision(precision: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m audioset_dcls.training.evaluate",
+        prog="audioset-dcls evaluate",
         description="mAP / mAUC / d' of a checkpoint (or a published model) on a shard folder, every clip once; "
                     "the same evaluation as the training loop's. Runs under accelerate launch too.",
     )
@@ -321,9 +326,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     Raises EvaluationError / CheckpointError / DataError (one line) on bad input."""
     from accelerate import Accelerator
 
-    from ..hub.checkpoint import load_model, read_checkpoint_info
     from ..data import open_shard_set
-    from ..hub.pretrained import PretrainedError, resolve_checkpoint_on_main_first
+    from ..hub.checkpoint import load_model, read_checkpoint_info
+    from ..hub.pretrained import PretrainedError
+    from ..hub.references import resolve_reference_on_main_first
 
     if args.batch_size < 1 or args.workers < 0 or args.min_positives < 1:
         raise EvaluationError("--batch-size and --min-positives must be >= 1 and --workers >= 0")
@@ -337,7 +343,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise EvaluationError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}; "
                               "on CPUs set ACCELERATE_USE_CPU=1")
     try:
-        path = resolve_checkpoint_on_main_first(args.checkpoint, accelerator, offline=True if args.offline else None)
+        path = resolve_reference_on_main_first(args.checkpoint, accelerator,
+                                               offline=True if args.offline else None).path
     except PretrainedError as err:
         raise EvaluationError(str(err)) from None
     info = read_checkpoint_info(path)
@@ -391,8 +398,8 @@ def report(args: argparse.Namespace, clips: ClipScores, info, shards, path: Path
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit status 0, or 2 with a one-line error for input that cannot be evaluated."""
-    from ..hub.checkpoint import CheckpointError
     from ..data import DataError
+    from ..hub.checkpoint import CheckpointError
     from ..labels import LabelError
 
     args = build_parser().parse_args(argv)

@@ -1,9 +1,7 @@
 """Start training from trained weights: ``model.init`` and ``model.freeze_backbone``.
 
-``model.init`` names an inference checkpoint (``model.safetensors``), a training checkpoint
-(``checkpoints/step_N``, or a run directory: its ``model.safetensors`` when finished, else its
-latest checkpoint) or a published model name (``convnext_tiny_dcls``, fetched and cached by
-:mod:`audioset_dcls.hub.pretrained`). :func:`init_from_checkpoint` loads every tensor of the new model
+``model.init`` is any checkpoint reference (:mod:`audioset_dcls.hub.references`: a published
+name, an inference checkpoint, a run folder or a step folder). :func:`init_from_checkpoint` loads every tensor of the new model
 whose name and shape the source has. The classifier head (timm's ``pretrained_cfg["classifier"]``)
 is left at its fresh init when the source's has another shape (another class count) or other
 label names; any other tensor the source lacks or has in another shape (stem, backbone: another
@@ -24,13 +22,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..files import write_text
 from ..hub.checkpoint import CheckpointError, load_checkpoint
+from ..hub.references import CheckpointRef
 
 __all__ = ["InitReport", "read_init_weights", "init_from_checkpoint", "head_prefix", "freeze_backbone",
            "set_train_mode", "write_report"]
-
-# What accelerate's save_state names the (first) model's weights in a training checkpoint.
-_TRAINING_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
@@ -64,30 +61,14 @@ def head_prefix(model: nn.Module) -> str:
     return classifier + "."
 
 
-def read_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path, dict[str, Any]]:
-    """``(state_dict, file read, description)`` of an inference checkpoint file or a training
-    checkpoint / run directory. The description has ``model`` and ``labels`` when the source
-    says (inference checkpoints), else it is empty."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "model.safetensors").is_file() and (path / "summary.json").is_file():
-            path = path / "model.safetensors"  # a finished run: its exported (eval) weights
-        else:
-            if (path / "checkpoints").is_dir():
-                from .loop import find_checkpoint
-
-                found = find_checkpoint(path)
-                if found is None:
-                    raise CheckpointError(f"{path}: a run directory without a checkpoint")
-                path = found
-            files = [path / n for n in _TRAINING_WEIGHTS if (path / n).is_file()]
-            if not files:
-                raise CheckpointError(f"{path}: no {' or '.join(_TRAINING_WEIGHTS)}: not a training checkpoint")
-            return _read_training_weights(files[0]), files[0], {}
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    state, info = load_checkpoint(path)
-    return state, path, {"model": info.model_name, "num_classes": info.num_classes, "labels": info.label_names}
+def read_init_weights(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, description)`` of a resolved checkpoint reference. The description has
+    ``model``, ``num_classes`` and ``labels`` when the source says (inference checkpoints), else
+    it is empty (training checkpoints)."""
+    if ref.kind == "training":
+        return _read_training_weights(ref.weights_file), {}
+    state, info = load_checkpoint(ref.path)
+    return state, {"model": info.model_name, "num_classes": info.num_classes, "labels": info.label_names}
 
 
 def _read_training_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -102,19 +83,19 @@ def _read_training_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read the weights: {reason}") from None
 
 
-def init_from_checkpoint(model: nn.Module, source: str, path: str | Path,
+def init_from_checkpoint(model: nn.Module, ref: CheckpointRef,
                          label_names: Sequence[str] | None = None) -> InitReport:
-    """Load into ``model`` every tensor of the checkpoint at ``path`` whose name and shape fit.
+    """Load into ``model`` every tensor of the checkpoint ``ref`` names whose name and shape fit.
 
     The classifier is kept at its init when the source's has another shape, or other
     ``label_names`` (when both sides have names). CheckpointError, one line naming the tensors,
-    when anything else does not fit. ``source`` is ``model.init`` as given, for messages.
+    when anything else does not fit.
     """
-    state, read, desc = read_init_weights(path)
+    state, desc = read_init_weights(ref)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     head = head_prefix(model)
-    report = InitReport(source, str(read), desc.get("model"), desc.get("num_classes"))
+    report = InitReport(ref.given, str(ref.weights_file), desc.get("model"), desc.get("num_classes"))
     head_keys = [k for k in own if k.startswith(head)]
     src_head = {k: v for k, v in state.items() if k.startswith(head)}
     if report.source_classes is None and head + "weight" in src_head:  # training checkpoints: from the head
@@ -134,11 +115,11 @@ def init_from_checkpoint(model: nn.Module, source: str, path: str | Path,
             problems.append(f"{k} {tuple(state[k].shape)} in the source, {tuple(v.shape)} here")
     problems += [f"{k} not in this model" for k in state if k not in own and not k.startswith(head)]
     if problems:
-        where = "" if str(read) == str(source) else f" ({read})"
+        where = "" if str(ref.weights_file) == ref.given else f" ({ref.weights_file})"
         what = f" (a {report.source_model})" if report.source_model else ""
         hint = f"model.name={report.source_model}" if report.source_model else "model.name to the source's model"
         raise CheckpointError(
-            f"model.init={source}{where}{what} does not fit this model's stem/backbone: "
+            f"model.init={ref.given}{where}{what} does not fit this model's stem/backbone: "
             f"{'; '.join(problems[:4])}" + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
             + f"; set {hint}")
     load = {k: state[k] for k in own if not (k.startswith(head) and report.why_head)}
@@ -171,6 +152,4 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 
 def write_report(path: Path, report: InitReport) -> None:
     """``init.json``: the report with every tensor by name, written atomically."""
-    from ..files import write_text
-
     write_text(path, json.dumps(report.to_dict(), indent=1) + "\n")

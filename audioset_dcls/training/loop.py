@@ -1,6 +1,7 @@
 """The training engine: config -> Accelerator -> data -> model -> optimizer -> loop -> checkpoints.
 
-:func:`train` reads top to bottom; each phase is one function of a :class:`TrainState`::
+:func:`train` reads top to bottom; each phase is one function of a :class:`.state.TrainState`
+(the recipe's pieces are in :mod:`.recipe`, checkpoints and resume in :mod:`.checkpointing`)::
 
     setup_training      open_data -> find_resume_checkpoint -> create_accelerator -> seed ->
                         build_model -> EMA -> build_optimizer -> build_scheduler -> one prepare
@@ -37,277 +38,82 @@ Steps are optimizer steps: one step = ``optim.batch_size`` clips over all proces
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import json
 import math
 import os
-import pickle
-import shutil
 import signal
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..augment import augment_batch
-from ..hub.checkpoint import CheckpointError, CheckpointInfo, save_inference_checkpoint
 from ..config import Config, ConfigError, config_to_dict, to_yaml
 from ..data import (
     DataError,
     ShardSet,
     build_train_loader,
     derive_seed,
-    labels_per_clip,
     move_batch,
     open_shard_set,
     resolve_normalization,
     train_batches_per_rank,
 )
-from .evaluate import append_jsonl, evaluate, format_result, summarize, thresholds_record, write_per_class_csv
 from ..features import Normalization
-from .finetune import InitReport, freeze_backbone, init_from_checkpoint, set_train_mode, write_report
 from ..files import write_text
+from ..hub.checkpoint import CheckpointError
+from ..hub.pretrained import PretrainedError
+from ..hub.references import (
+    RUN_CONFIG,
+    RUN_MODEL,
+    RUN_SUMMARY,
+    CheckpointRef,
+    find_checkpoint,
+    resolve_reference_on_main_first,
+)
 from ..preemption import StopSignals, agree_to_stop, parse_stop_signals
+from .checkpointing import (
+    export_model,
+    find_resume_checkpoint,
+    flat_config,
+    resume_training,
+    save_checkpoint,
+    write_everywhere,
+)
+from .evaluate import (
+    append_jsonl,
+    evaluate,
+    format_result,
+    summarize,
+    thresholds_record,
+    write_per_class_csv,
+)
+from .finetune import (
+    InitReport,
+    freeze_backbone,
+    init_from_checkpoint,
+    set_train_mode,
+    write_report,
+)
+from .recipe import (
+    ModelEma,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    compute_loss,
+    gradient_accumulation_steps,
+    resolve_task,
+)
+from .state import TrainState
 
-__all__ = [
-    "lr_at",
-    "gradient_accumulation_steps",
-    "build_model",
-    "build_optimizer",
-    "build_scheduler",
-    "compute_loss",
-    "ModelEma",
-    "TrainProgress",
-    "TrainState",
-    "find_checkpoint",
-    "OutputError",
-    "train",
-]
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
+__all__ = ["train", "setup_training"]
 
 log = get_logger("audioset_dcls.train")  # logs on the main process only unless told otherwise
-
-
-class OutputError(RuntimeError):
-    """The run directory could not be written (disk full, quota, permissions). Raised on every
-    rank; the message names the file and the checkpoint a ``--resume`` continues from."""
-
-
-def lr_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, warmup_lr: float = 0.0,
-          min_lr: float = 0.0) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup from ``warmup_lr`` to
-    ``peak`` over ``warmup_steps``, then half a cosine from ``peak`` down to ``min_lr`` at
-    ``total_steps``."""
-    if step < warmup_steps:
-        return warmup_lr + (peak - warmup_lr) * step / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def gradient_accumulation_steps(global_batch: int, per_device_batch: int, num_processes: int) -> int:
-    """Micro-steps per optimizer step so that per_device_batch x processes x accum == global_batch."""
-    per_step = per_device_batch * num_processes
-    if global_batch % per_step:
-        raise ConfigError(
-            f"optim.batch_size={global_batch} is not a multiple of data.batch_size x processes = "
-            f"{per_device_batch} x {num_processes} = {per_step}; change data.batch_size or optim.batch_size"
-        )
-    return global_batch // per_step
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW or LAMB over models.param_groups (DCLS positions/widths: lr x dcls_lr_scale, no decay)."""
-    from ..models import param_groups
-
-    o = cfg.optim
-    groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, dcls_lr_scale=o.dcls_lr_scale)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    # timm's LAMB (what the reference trains ConvFormer with): per-layer trust ratio, and a
-    # global grad-norm clip at 1.0 built in, as in timm's defaults.
-    from timm.optim import Lamb
-
-    return Lamb(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-
-
-class ModelEma(nn.Module):
-    """Exponential moving average of a model's parameters and buffers (kept in fp32)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        super().__init__()
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        # parameters()/buffers() list each tensor once; state_dict() would repeat the DCLS
-        # positions and widths shared by a stage under every layer's key, and average them
-        # several times per step.
-        mine = itertools.chain(self.module.parameters(), self.module.buffers())
-        theirs = itertools.chain(model.parameters(), model.buffers())
-        for e, m in zip(mine, theirs, strict=True):
-            if e.dtype.is_floating_point:
-                e.lerp_(m.detach().to(e.dtype), 1.0 - self.decay)
-            else:
-                e.copy_(m)
-
-
-@dataclass
-class TrainProgress:
-    """Where training stands; saved with every checkpoint (accelerate custom object)."""
-
-    epoch: int = 0  # current epoch (0-based)
-    step: int = 0  # optimizer steps done
-    batches_in_epoch: int = 0  # micro-batches of ``epoch`` this rank has trained on
-    samples_seen: int = 0  # clips over all processes
-    processes: int = 0  # the run's process count (checked on resume: it shapes the data stream)
-
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-    def load_state_dict(self, d: dict[str, int]) -> None:
-        self.__dict__.update({k: int(v) for k, v in d.items()})
-
-
-def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The network ``cfg.model`` describes, freshly initialised from the global torch RNG (seed
-    first for identical replicas). Maps (B, 1, n_mels, T) log-mels to (B, num_classes) logits."""
-    from ..models import create_model
-
-    return create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
-                        **_model_kwargs(cfg))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int,
-                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``lr_at`` per optimizer step, as a factor of each param group's own lr (DCLS x5 kept)."""
-    peak, s = cfg.optim.lr, cfg.schedule
-
-    def lr_factor(step: int) -> float:
-        return lr_at(step, peak=peak, total_steps=total_steps, warmup_steps=warmup_steps, warmup_lr=s.warmup_lr,
-                     min_lr=s.min_lr) / peak
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-
-def compute_loss(logits: torch.Tensor, targets: torch.Tensor, task: str = "multilabel") -> torch.Tensor:
-    """Mean binary cross-entropy of (B, C) logits against (B, C) soft multi-hot targets, or, for
-    ``task="singlelabel"``, softmax cross-entropy against (B, C) soft one-hot targets (label
-    smoothing and mixup keep each row a distribution); in fp32 whatever the autocast dtype.
-    Returns a scalar."""
-    if task == "singlelabel":
-        return F.cross_entropy(logits.float(), targets)
-    return F.binary_cross_entropy_with_logits(logits.float(), targets)
-
-
-def resolve_task(task: str, train_set: ShardSet) -> str:
-    """``train.task`` -> "multilabel" or "singlelabel" ("auto": singlelabel when every training
-    clip has exactly one label). ConfigError for singlelabel on clips with several labels."""
-    if task == "multilabel":
-        return task
-    fewest, most = labels_per_clip(train_set)
-    if task == "auto":
-        return "singlelabel" if fewest == most == 1 else "multilabel"
-    if most > 1:
-        raise ConfigError(f"train.task=singlelabel, but {train_set.root} has clips with up to {most} labels; "
-                          "use train.task=multilabel (or auto)")
-    return task
-
-
-# ------------------------------------------------------------------------------ run state
-
-
-@dataclass
-class StepMeter:
-    """Loss and throughput since the last log line (this rank), and the first and last logged
-    mean losses (the summary's ``loss_first`` / ``loss_last``)."""
-
-    loss_sum: torch.Tensor  # on the device: adding to it needs no host sync per micro-step
-    count: int = 0
-    samples: int = 0  # clips over all processes
-    since: float = field(default_factory=time.perf_counter)
-    first: float | None = None
-    last: float | None = None
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()
-        self.count += 1
-
-    def read(self, accelerator: Accelerator) -> tuple[float, float]:
-        """(mean loss over every rank's micro-steps, samples/s) since the last read; every rank
-        must call it (all-reduce). Starts the next window."""
-        mean = accelerator.reduce(self.loss_sum / max(1, self.count), reduction="mean").item()
-        dt = time.perf_counter() - self.since
-        sps = self.samples / dt if dt > 0 else float("nan")
-        self.first = mean if self.first is None else self.first
-        self.last = mean
-        self.loss_sum.zero_()
-        self.count, self.samples, self.since = 0, 0, time.perf_counter()
-        return mean, sps
-
-
-@dataclass
-class TrainState:
-    """What the phases of one run share. ``progress`` (with the model, optimizer, scheduler, EMA
-    and RNG states) is what checkpoints save; everything else is rebuilt from the config."""
-
-    cfg: Config
-    accelerator: Accelerator
-    train_set: ShardSet
-    eval_set: ShardSet | None
-    norm: Normalization
-    model: nn.Module  # as accelerator.prepare returned it (DDP-wrapped on several processes)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    ema: ModelEma | None
-    accum: int  # micro-steps per optimizer step
-    per_rank_batches: int  # micro-batches per epoch on each rank
-    total_steps: int  # optimizer steps of the whole schedule
-    warmup_steps: int
-    pad_value: float  # the normalised log-mel floor (silence): what time stretch pads with
-    progress: TrainProgress = field(default_factory=TrainProgress)
-    meter: StepMeter = field(init=False)
-    bar: Any = None  # tqdm over optimizer steps (disabled off the main process)
-    corrupt: dict[int, int] = field(default_factory=dict)  # loader worker -> its count of skipped samples
-    final_eval: dict[str, Any] | None = None  # summary of the latest evaluation (main process)
-    final_thresholds: dict[str, Any] | None = None  # per-class thresholds calibrated by it (main process)
-    signals: StopSignals = field(default_factory=lambda: StopSignals(()))  # this rank's stop-signal flag
-    init: InitReport | None = None  # what model.init loaded (fresh fine-tunes; None otherwise)
-    task: str = "multilabel"  # train.task resolved: "multilabel" or "singlelabel"
-    stopped_by: str = ""  # the signal all ranks agreed to stop on ("SIGTERM"), "" while running
-
-    def __post_init__(self) -> None:
-        self.meter = StepMeter(torch.zeros((), device=self.accelerator.device))
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.cfg.train.output_dir)
-
-    @property
-    def stop_at(self) -> int:
-        """The optimizer step training stops after: train.max_steps, else the schedule's end."""
-        return self.cfg.train.max_steps or self.total_steps
-
-    @property
-    def eval_model(self) -> nn.Module:
-        """The weights evaluated and exported: the EMA with eval.use_ema, else the trained model."""
-        if self.ema is not None and self.cfg.eval.use_ema:
-            return self.ema.module
-        return self.accelerator.unwrap_model(self.model)
 
 
 # ---------------------------------------------------------------------------------- train
@@ -389,30 +195,22 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
 def load_init_weights(accelerator: Accelerator, cfg: Config, model: nn.Module, train_set: ShardSet) -> InitReport:
     """Load ``cfg.model.init`` into ``model`` (every rank; a published name is fetched by the main
     process first), log what was loaded and re-initialised and write it to ``init.json``."""
-    path = resolve_init(cfg.model.init, accelerator)
-    report = init_from_checkpoint(model, cfg.model.init, path, [lab["name"] for lab in train_set.labels])
+    ref = resolve_init(cfg.model.init, accelerator)
+    report = init_from_checkpoint(model, ref, [lab["name"] for lab in train_set.labels])
     if accelerator.is_main_process:
         write_report(Path(cfg.train.output_dir) / "init.json", report)
     log.info(report.summary() + f"; every tensor by name: {Path(cfg.train.output_dir) / 'init.json'}")
     return report
 
 
-def resolve_init(name_or_path: str, accelerator: Accelerator) -> Path:
-    """The file or directory ``model.init`` names; a published model name is fetched (once, by
-    the main process, while the others wait) and read from the cache. CheckpointError on every
-    rank when it cannot be had."""
-    from ..hub.pretrained import PUBLISHED_MODELS, PretrainedError, resolve_checkpoint_on_main_first
-
-    path = Path(name_or_path)
-    if path.exists() or name_or_path not in PUBLISHED_MODELS:
-        if not path.exists():
-            raise CheckpointError(f"model.init={name_or_path}: no such file or directory, and not a published "
-                                  f"model ({', '.join(PUBLISHED_MODELS)})")
-        return path
+def resolve_init(name_or_path: str, accelerator: Accelerator) -> CheckpointRef:
+    """The checkpoint ``model.init`` names (any reference: :mod:`..hub.references`); a published
+    name is fetched once, by the main process, while the others wait. CheckpointError (one line,
+    on every rank) when it cannot be had."""
     try:
-        return resolve_checkpoint_on_main_first(name_or_path, accelerator)
-    except PretrainedError as err:
-        raise CheckpointError(f"model.init={name_or_path}: {err}") from None
+        return resolve_reference_on_main_first(name_or_path, accelerator, need="weights")
+    except (CheckpointError, PretrainedError) as err:
+        raise CheckpointError(f"model.init={err}") from None  # the message starts with the reference
 
 
 def train_mode(state: TrainState) -> None:
@@ -462,7 +260,7 @@ def start_run_dir(accelerator: Accelerator, cfg: Config) -> None:
     out_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", to_yaml(cfg))
+        write_text(out_dir / RUN_CONFIG, to_yaml(cfg))
     if cfg.train.tracker != "none":
         accelerator.init_trackers("tensorboard", config=_flat_hparams(cfg))
 
@@ -483,99 +281,7 @@ def log_plan(state: TrainState) -> None:
 
 
 def _flat_hparams(cfg: Config) -> dict[str, Any]:
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(config_to_dict(cfg)).items()}
-
-
-def _model_kwargs(cfg: Config) -> dict[str, Any]:
-    kw = {} if cfg.model.layer_scale_init_value is None else {"layer_scale_init_value": cfg.model.layer_scale_init_value}
-    kw.update(cfg.model.kwargs)
-    return kw
-
-
-# --------------------------------------------------------------------------------- resume
-
-
-def find_checkpoint(output_dir: str | Path) -> Path | None:
-    """The latest complete checkpoint directory of a run (the one ``latest`` names; without a
-    usable ``latest``, the highest ``step_*``: only complete ones are ever renamed to that), or None."""
-    ckpt_dir = Path(output_dir) / CHECKPOINTS
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        path = ckpt_dir / latest.read_text().strip()
-        if path.is_dir():
-            return path
-    done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-    return done[-1] if done else None
-
-
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint ``train.resume`` asks for ("auto": the run's latest, if any; a run or
-    checkpoint directory), or None for a fresh start. CheckpointError when there is none where
-    one was named, or when a fresh start would overwrite a run's checkpoints."""
-    r = cfg.train.resume
-    if r == "auto":
-        return find_checkpoint(cfg.train.output_dir)
-    if r:
-        p = Path(r)
-        if (p / CHECKPOINTS / LATEST).is_file():  # a run directory
-            p = find_checkpoint(p)
-        if p is None or not p.is_dir():
-            raise CheckpointError(f"train.resume={r}: no checkpoint there")
-        return p
-    if find_checkpoint(cfg.train.output_dir) is not None:
-        raise CheckpointError(
-            f"{cfg.train.output_dir} already holds checkpoints: pass --resume (train.resume=auto) to continue "
-            "it, or choose another train.output_dir"
-        )
-    return None
-
-
-def resume_training(state: TrainState, path: Path | None) -> None:
-    """Load the checkpoint at ``path`` (model, optimizer, scheduler, EMA, RNG states, progress)
-    on every rank; nothing when no rank has one."""
-    if state.accelerator.num_processes > 1:
-        # Every rank must load the same checkpoint: on a shared file system another writer (a
-        # straggler of the killed job, a slow metadata cache) can move `latest` between two
-        # ranks' reads, and ranks resumed at different steps deadlock or mismatch collectives.
-        chosen = broadcast_object_list([str(path) if path is not None else None], from_process=0)[0]
-        path = Path(chosen) if chosen is not None else None
-    if path is None:
-        return
-    try:
-        state.accelerator.load_state(str(path))
-    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        reason = " ".join(str(err).split())[:300] or type(err).__name__  # one line, whatever torch says
-        raise CheckpointError(f"{path}: cannot resume from this checkpoint: {reason}") from err
-    p = state.progress
-    log.info(f"resumed from {path}: epoch {p.epoch}, step {p.step}, {p.batches_in_epoch} batches into the epoch")
-    changed = changed_settings(path / "config.yaml", state.cfg)
-    if p.processes != state.accelerator.num_processes:
-        changed.append(f"processes {p.processes} -> {state.accelerator.num_processes}")
-        p.processes = state.accelerator.num_processes
-    if changed:
-        log.warning(f"resuming with settings that differ from the checkpoint's: {'; '.join(changed)}; the run does not "
-                    "continue exactly as it would have")
-
-
-# Settings a resumed run may change without changing what it computes: where it writes, how it
-# reports, when it stops or checkpoints, and how the evaluation is batched.
-_RESUME_FREE = ("train.resume", "train.output_dir", "train.max_steps", "train.log_every_steps", "train.tracker",
-                "train.progress_bar", "train.checkpoint_every_steps", "train.keep_checkpoints",
-                "train.checkpoint_on_signal", "data.verify_shards", "eval.batch_size", "eval.num_workers")
-
-
-def changed_settings(saved_yaml: Path, cfg: Config) -> list[str]:
-    """``key old -> new`` for every setting of ``cfg`` that differs from the config saved with a
-    checkpoint, except those in ``_RESUME_FREE``. Nothing when the checkpoint has no config."""
-    if not saved_yaml.is_file():
-        return []
-    saved = _flat(yaml.safe_load(saved_yaml.read_text()) or {})
-    now = _flat(config_to_dict(cfg))
-    return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in _RESUME_FREE and saved.get(k) != v]
-
-
-def _flat(d: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{k}": v for section, values in d.items() for k, v in (values or {}).items()}
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config(config_to_dict(cfg)).items()}
 
 
 # ---------------------------------------------------------------------------------- epoch
@@ -721,120 +427,6 @@ def evaluate_epoch(state: TrainState) -> None:
     log.info(f"eval epoch {p.epoch}: {format_result(result)}; per-class AP: {csv_path}")
 
 
-# ------------------------------------------------------------------------------ checkpoints
-
-
-def save_checkpoint(state: TrainState) -> Path:
-    """accelerate state -> ``checkpoints/.tmp-step_N`` -> renamed to ``step_N``; then the
-    ``latest`` pointer is replaced atomically and old checkpoints pruned. A job killed at any
-    moment leaves the previous checkpoint intact; a write that fails on any rank (disk full)
-    removes the partial one and raises OutputError on every rank. The directory must be on a
-    file system every process can write to (shared across nodes). Every rank must call it."""
-    acc, cfg = state.accelerator, state.cfg
-    main = acc.is_main_process
-    ckpt_dir = state.out_dir / CHECKPOINTS
-    name = f"step_{state.progress.step:08d}"
-    final, tmp, aside = ckpt_dir / name, ckpt_dir / f".tmp-{name}", ckpt_dir / f".old-{name}"
-    previous = find_checkpoint(state.out_dir)
-
-    def start() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_text(tmp / "config.yaml", to_yaml(cfg))
-
-    def publish() -> None:
-        if final.exists():  # the same step saved again (a resumed run ending its epoch): swap, never delete first
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        write_text(ckpt_dir / LATEST, name + "\n")
-
-    def clean_up() -> None:  # after a failure: free the space; `latest` keeps naming the previous checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
-        latest = ckpt_dir / LATEST
-        if not (latest.is_file() and latest.read_text().strip() == name):
-            shutil.rmtree(final, ignore_errors=True)
-            if aside.is_dir():
-                os.replace(aside, final)
-
-    what = f"checkpoint {final}"
-    resume = f"--resume continues from {previous}" if previous else "no earlier checkpoint to resume from"
-    write_everywhere(state, start if main else None, what, clean_up if main else None, resume)
-    # Shared DCLS positions appear under several keys: safetensors refuses that, so pickle.
-    write_everywhere(state, lambda: acc.save_state(str(tmp), safe_serialization=False), what,
-                     clean_up if main else None, resume)
-    write_everywhere(state, publish if main else None, what, clean_up if main else None, resume)
-    if main:
-        shutil.rmtree(aside, ignore_errors=True)
-        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in done[: max(0, len(done) - cfg.train.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
-
-
-def write_everywhere(state: TrainState, write: Any, what: str, clean_up: Any = None, resume: str = "") -> None:
-    """Run ``write()`` on this rank (None: nothing to write here) and agree with every rank on
-    the outcome (one gather: it also stands for a barrier). When it failed on any rank, the
-    main process runs ``clean_up()`` and every rank raises the same one-line OutputError, so no
-    rank is left waiting at the next collective for one that died."""
-    failure = None
-    if write is not None:
-        try:
-            write()
-        except Exception as err:  # noqa: BLE001: anything a rank cannot write must stop all of them
-            failure = describe_write_error(err, state.out_dir)
-    if state.accelerator.num_processes > 1:
-        failure = next((f for f in gather_object([failure]) if f), None)
-    if failure is None:
-        return
-    if clean_up is not None:
-        clean_up()
-    if not resume:
-        latest = find_checkpoint(state.out_dir)
-        resume = f"--resume continues from {latest}" if latest else "no checkpoint to resume from yet"
-    raise OutputError(f"cannot write {what}: {failure}; {resume}")
-
-
-def describe_write_error(err: BaseException, where: Path) -> str:
-    """One line: the error (torch.save reports a full disk as an opaque RuntimeError) and the
-    space left on the file system of ``where``."""
-    reason = " ".join(str(err).split())[:300] or type(err).__name__
-    if not isinstance(err, OSError):
-        reason = f"{type(err).__name__}: {reason}"
-    probe = Path(where)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return reason
-    return f"{reason} ({free / 1e6:.1f} MB free there)"
-
-
-def export_model(state: TrainState) -> Path:
-    """``model.safetensors``: the eval weights with what tagging needs (model, features,
-    normalisation, labels; checkpoint.CheckpointInfo), the per-class thresholds calibrated by the
-    last evaluation (``--threshold auto``), the config and the last eval summary."""
-    cfg, t, p = state.cfg, state.train_set, state.progress
-    info = CheckpointInfo(
-        model_name=cfg.model.name, num_classes=t.num_classes, features=t.features, normalization=state.norm,
-        labels=[dict(lab) for lab in t.labels],
-        model_kwargs={k: v for k, v in _model_kwargs(cfg).items() if k != "pretrained_path"}, task=state.task,
-        extra={"config": config_to_dict(cfg), "eval": state.final_eval,
-               "train": {"steps": p.step, "epochs": p.epoch, "samples_seen": p.samples_seen,
-                         "train_clips": t.num_samples, "processes": state.accelerator.num_processes,
-                         "ema": state.ema is not None},
-               "init": None if state.init is None else {
-                   "source": state.init.source, "path": state.init.path, "loaded": len(state.init.loaded),
-                   "reinitialised": state.init.reinitialised}},
-        thresholds=state.final_thresholds,
-    )
-    path = save_inference_checkpoint(state.out_dir / "model.safetensors", state.eval_model.state_dict(), info)
-    log.info(f"inference checkpoint: {path}")
-    return path
-
-
 # ---------------------------------------------------------------------------------- finish
 
 
@@ -848,9 +440,9 @@ def finish_training(state: TrainState) -> dict[str, Any]:
         log.warning(f"skipped {int(corrupt)} corrupt training samples in the last epoch")
     finished = p.epoch >= state.cfg.schedule.epochs
     main = acc.is_main_process
-    checkpoint = state.out_dir / "model.safetensors" if finished and main else None
+    checkpoint = state.out_dir / RUN_MODEL if finished and main else None
     write_everywhere(state, (lambda: export_model(state)) if checkpoint else None,
-                     f"the inference checkpoint {state.out_dir / 'model.safetensors'}")
+                     f"the inference checkpoint {state.out_dir / RUN_MODEL}")
     # Every rank's parameter checksum: equal values prove the replicas stayed in sync.
     checksum = float(sum(w.detach().double().sum().item() for w in acc.unwrap_model(state.model).parameters()))
     summary = {"step": p.step, "epoch": p.epoch, "samples_seen": p.samples_seen, "loss_first": state.meter.first,
@@ -858,7 +450,7 @@ def finish_training(state: TrainState) -> dict[str, Any]:
                "checkpoint": str(checkpoint) if checkpoint else None, "finished": finished,
                "stopped_by": "" if finished else state.stopped_by, "processes": acc.num_processes, "task": state.task,
                "param_checksums": gather_object([checksum])}
-    summary_path = state.out_dir / "summary.json"
+    summary_path = state.out_dir / RUN_SUMMARY
     write_everywhere(state, (lambda: write_text(summary_path, json.dumps(summary, indent=1) + "\n")) if main else None,
                      str(summary_path))
     if summary["stopped_by"]:
