@@ -31,7 +31,6 @@ WORKDIR /opt/audioset-dcls
 # whose dependency ranges live in pyproject.toml; pinning them here would fight the base image's torch.
 COPY pyproject.toml README.md LICENSE ./
 COPY audioset_dcls/__init__.py audioset_dcls/__init__.py
-COPY preprocessing/__init__.py preprocessing/__init__.py
 # hadolint ignore=DL3013
 RUN pip install ".[export]"
 

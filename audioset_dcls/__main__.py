@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import __version__
+
 # command -> (module with main(argv), what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tag": ("audioset_dcls.tagging.cli", "tag audio files, folders or live PCM (same as infer.py)"),
@@ -36,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
-
         print(f"audioset-dcls {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import random
+import tarfile
 import weakref
 from dataclasses import dataclass
 from itertools import islice
@@ -301,8 +302,6 @@ def count_labels(shards: ShardSet) -> np.ndarray:
     """Positives per class (num_classes,) over a shard set, reading only the JSON members
     (tar headers let the data members be skipped). Used by class-balanced sampling; counted
     once per process (the manifest has no per-class counts), not once per epoch."""
-    import tarfile
-
     if shards.urls in _LABEL_COUNTS:
         return _LABEL_COUNTS[shards.urls]
     counts = np.zeros(shards.num_classes, dtype=np.int64)
@@ -319,8 +318,6 @@ def count_labels(shards: ShardSet) -> np.ndarray:
 def labels_per_clip(shards: ShardSet) -> tuple[int, int]:
     """(fewest, most) labels of a clip in the set: the manifest's ``labels_per_clip``, or, for
     sets built before the builder recorded it, counted from the JSON members (as count_labels)."""
-    import tarfile
-
     recorded = shards.manifest.get("labels_per_clip")
     if recorded:
         return int(recorded["min"]), int(recorded["max"])

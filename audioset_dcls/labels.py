@@ -180,7 +180,7 @@ class Segment:
     unbalanced list at a few hundred MB).
 
     ``path``: the audio file, when the input names it (a ``--list`` CSV or ``--class-folders``;
-    see ``shard_build.sources``). Then ``ytid`` is an id made from the path, and ``start`` /
+    see ``shards.sources``). Then ``ytid`` is an id made from the path, and ``start`` /
     ``end`` cut the clip from that file (``end`` None: to the end of the file). Without
     ``path`` (AudioSet), they are the times in the video, and the file found for the segment
     already holds just the clip.

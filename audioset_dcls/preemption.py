@@ -92,6 +92,7 @@ def agree_to_stop(received: int, accelerator) -> int:
     one integer; on CUDA the ``.item()`` waits for the step's kernels)."""
     if accelerator.num_processes == 1:
         return received
+    # Imported here: config.py reads stop-signal names from this module without loading torch.
     import torch
 
     flag = torch.tensor(received, dtype=torch.int32, device=accelerator.device)

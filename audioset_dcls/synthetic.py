@@ -15,7 +15,7 @@ files without downloading anything. It writes exactly what an AudioSet download 
 Each clip holds one to three of the classes below over a faint noise floor; all class content
 lies under 7.5 kHz so even 16 kHz files carry it. A tiny model learns them in a few CPU minutes.
 
-Command line: ``python -m audioset_dcls.synthetic --out DIR [--train N] [--eval N]``.
+Command line: ``python -m audioset_dcls example-data --out DIR [--train N] [--eval N]``.
 """
 
 from __future__ import annotations

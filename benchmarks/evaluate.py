@@ -7,7 +7,7 @@
   normalise -> batch, ``--workers`` processes), every clip once, batches moved to the device.
 - model: forward passes (training form, as evaluation runs it) on one batch already on the device.
 - evaluate: ``evaluate.evaluate`` end to end (loader + model under autocast + sigmoid + metrics),
-  what ``python -m audioset_dcls.training.evaluate`` and the training loop run.
+  what ``python -m audioset_dcls evaluate`` and the training loop run.
 The loader is not the bottleneck when loader clips/s is well above evaluate clips/s (ratio > 1).
 Without ``--shards`` a synthetic eval set (10 s clips) is built in a temp dir with the real shard
 builder. Timings alternate between the measurements and repeat, so a shared machine's noise shows
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-batches", type=int, default=2, help="timed batches of the model-alone measurement")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                   help="autocast of the model (python -m audioset_dcls.training.evaluate uses bf16 on CUDA)")
+                   help="autocast of the model (python -m audioset_dcls evaluate uses bf16 on CUDA)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

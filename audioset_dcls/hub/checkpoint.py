@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..features import FeatureConfig, Normalization
 from ..files import atomic_path
@@ -118,8 +120,6 @@ def probabilities(logits: torch.Tensor, task: str = "multilabel") -> torch.Tenso
 
 def save_inference_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], info: CheckpointInfo) -> Path:
     """Write weights + description atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     # safetensors refuses shared storage; DCLS layers of a stage share one positions tensor,
     # which appears under several keys: store each key's own contiguous copy.
@@ -135,8 +135,6 @@ def save_inference_checkpoint(path: str | Path, state_dict: dict[str, torch.Tens
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Read only the description (cheap: the safetensors header)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -146,7 +144,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     except Exception as err:
         raise CheckpointError(
             f"{path}: not a safetensors file ({err}); convert other checkpoints with "
-            "`python -m audioset_dcls.hub.convert_reference`"
+            "`python -m audioset_dcls convert`"
         ) from None
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: safetensors file without an audioset_dcls description")
@@ -155,8 +153,6 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Return ``(state_dict, info)`` on the CPU."""
-    from safetensors.torch import load_file
-
     info = read_checkpoint_info(path)
     return load_file(str(path), device="cpu"), info
 
@@ -169,6 +165,8 @@ def load_model(
     With ``bake=True`` DCLS layers become plain depthwise convolutions (same outputs, no kernel
     construction per forward). Returns ``(model, info)``.
     """
+    # Imported here: the model registry imports timm (seconds of start-up) that reading or
+    # writing a checkpoint's description does not need.
     from ..models import create_model, to_inference
 
     state_dict, info = load_checkpoint(path)

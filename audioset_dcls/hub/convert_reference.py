@@ -1,6 +1,6 @@
 """Convert a DCLS-Audio reference checkpoint (K-H-Ismail/DCLS-Audio) into our inference checkpoint.
 
-    python -m audioset_dcls.hub.convert_reference CKPT.pth OUT_DIR [--model NAME]
+    python -m audioset_dcls convert CKPT.pth OUT_DIR [--model NAME]
         [--labels class_labels_indices.csv] [--use-ema]
 
 The authors' published weights (Zenodo record 8370979) and anything saved by their training code
@@ -38,11 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..features import REFERENCE_NORMALIZATION
+from ..features import REFERENCE_NORMALIZATION, FeatureConfig
 from ..files import sha256_file
+from ..labels import audioset_label_set, read_label_set
+from ..models import create_model
+from .checkpoint import CheckpointInfo, save_inference_checkpoint
 from .published import PUBLISHED_MODELS
 
 __all__ = [
@@ -92,10 +96,6 @@ def _allowed_globals() -> list[Any]:
     """What a reference checkpoint legitimately pickles besides tensors and containers: the
     training ``args`` (argparse.Namespace) and, possibly inside it, numpy scalars / dtypes."""
     allowed: list[Any] = [argparse.Namespace]
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
-        return allowed
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core -> numpy._core
     scalar = core.multiarray.scalar
     # pickles written under numpy 1.x name it numpy.core.multiarray.scalar
@@ -367,8 +367,6 @@ def convert_state_dict(reference_name: str, reference_sd: dict[str, torch.Tensor
 def _read_labels(path: str | Path | None, num_classes: int) -> list[dict[str, Any]]:
     """[{index, mid, name}] in class order from ``class_labels_indices.csv``; with ``path`` None,
     AudioSet's bundled names for a 527-class checkpoint and none otherwise."""
-    from ..labels import audioset_label_set, read_label_set
-
     if path is None:
         label_set = audioset_label_set()
         return label_set.to_records() if len(label_set) == num_classes else []
@@ -419,8 +417,6 @@ class ConversionResult:
 
 def _build_and_convert(ref: ReferenceCheckpoint, model_name: str | None) -> tuple[str, nn.Module, ConversionReport]:
     """Pick the reference model (given or detected), build ours, load the tensors into it."""
-    from ..models import create_model
-
     if model_name is None:
         reference_name = detect_reference_model(ref.state_dict)
     else:
@@ -450,9 +446,6 @@ def convert_reference_checkpoint(
     AudioSet's bundled names (527-class checkpoints). ``source_url``: where the file was
     downloaded from, recorded beside its SHA-256. Raises :class:`ConversionError` on anything inexact.
     """
-    from ..features import FeatureConfig
-    from .checkpoint import CheckpointInfo, save_inference_checkpoint
-
     checkpoint = Path(checkpoint)
     ref = read_reference_checkpoint(checkpoint, use_ema=use_ema)
     try:

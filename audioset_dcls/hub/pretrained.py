@@ -3,8 +3,8 @@
     model, info = audioset_dcls.load_pretrained("convnext_tiny_dcls")   # (model, CheckpointInfo)
     tagger = Tagger.from_pretrained("convnext_tiny_dcls")
     python infer.py dog.wav                                             # the default model
-    python -m audioset_dcls.hub.pretrained --list                           # table, cache state
-    python -m audioset_dcls.hub.pretrained convnext_tiny_dcls               # fetch now (before going offline)
+    python -m audioset_dcls pretrained --list                           # table, cache state
+    python -m audioset_dcls pretrained convnext_tiny_dcls               # fetch now (before going offline)
 
 :data:`.published.PUBLISHED_MODELS` records, like timm's pretrained configs, where each model's
 weights come from (the files of Zenodo record 8370979).
@@ -30,7 +30,7 @@ Environment:
 - ``AUDIOSET_DCLS_OFFLINE=1``: never download; the cache or a one-line error.
 
 Every failure is one line naming the model, the URL and what to do (download by hand and
-convert with ``python -m audioset_dcls.hub.convert_reference FILE CACHE_DIR``, which writes exactly
+convert with ``python -m audioset_dcls convert FILE CACHE_DIR``, which writes exactly
 the file the cache looks for).
 """
 
@@ -50,6 +50,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from tqdm.auto import tqdm
+
+from .checkpoint import load_model, read_checkpoint_info
+from .convert_reference import ConversionError, convert_reference_checkpoint
 from .published import DEFAULT_MODEL, PUBLISHED_MODELS, SOURCE, PublishedModel
 
 __all__ = [
@@ -138,7 +142,7 @@ def weights_source(name: str) -> tuple[str, Path | None]:
 
 def _by_hand(model: PublishedModel) -> str:
     return (f"download {model.url} by hand and convert it into the cache: "
-            f"python -m audioset_dcls.hub.convert_reference {model.file} {cache_dir()}")
+            f"python -m audioset_dcls convert {model.file} {cache_dir()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,8 +205,6 @@ def _download_attempt(url: str, part: Path, state_path: Path, *, timeout: float,
             total = int(length) if length and length.isdigit() else None
             validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
             state_path.write_text(json.dumps({"url": url, "validator": validator}))
-        from tqdm.auto import tqdm
-
         with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                                          desc=desc, file=sys.stderr, disable=None if progress else True,
                                          leave=False) as bar:
@@ -264,7 +266,7 @@ def _locked(lock_path: Path, what: str, progress: bool) -> Iterator[None]:
     """An exclusive lock file (fcntl.flock; released when the process dies). Where fcntl is
     missing (Windows), no lock: concurrent first uses may then download twice, but each writes
     its own temp file and renames it, so the cache still never holds half a file."""
-    try:
+    try:  # POSIX only
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
@@ -284,8 +286,6 @@ def _locked(lock_path: Path, what: str, progress: bool) -> Iterator[None]:
 
 
 def _check_cached(path: Path, model: PublishedModel) -> Path:
-    from .checkpoint import read_checkpoint_info
-
     try:
         info = read_checkpoint_info(path)
     except (OSError, ValueError) as err:
@@ -340,8 +340,6 @@ def fetch_pretrained(name: str, *, offline: bool | None = None, progress: bool =
 
 
 def _convert(model: PublishedModel, source: Path, url: str, target: Path, progress: bool) -> None:
-    from .convert_reference import ConversionError, convert_reference_checkpoint
-
     if progress:
         print(f"{model.name}: converting {source.name}", file=sys.stderr)
     try:
@@ -366,8 +364,6 @@ def load_pretrained(name: str = DEFAULT_MODEL, *, bake: bool = True, device: str
     (B, 527) logits; ``info.label_names`` are AudioSet's. ``bake=False`` keeps the DCLS
     positions and widths (for fine-tuning).
     """
-    from .checkpoint import load_model
-
     return load_model(fetch_pretrained(name, offline=offline, progress=progress), bake=bake, device=device)
 
 

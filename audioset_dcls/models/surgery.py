@@ -8,6 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
+import timm
 import torch
 from torch import nn
 
@@ -259,8 +260,6 @@ def build_audio_model(
     depthwise conv replaced by DCLS-Gauss if ``dcls``. The family files keep only what really
     differs between them.
     """
-    import timm
-
     model = timm.create_model(timm_name, pretrained=False, in_chans=1, num_classes=num_classes,
                               drop_path_rate=drop_path_rate, **timm_kwargs)
     if pretrained_path is not None:

@@ -16,7 +16,8 @@ terminal.
 run's final evaluation or ``evaluate --calibrate``). ``--events`` adds sound events (onset, offset,
 label, peak and mean score: ``tagging/events.py``) from the window scores; ``--format
 audacity`` writes them as an Audacity label track. Every format is written by ``tagging/outputs.py``;
-this module only reads the command line and runs the tagger.
+this module only reads the command line and runs the tagger. The tagger, torch and tqdm are
+imported inside the functions that run them, so that ``--help`` and usage errors answer at once.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Uses the TorchScript-based exporter (``dynamo=False``, opset 17, the first with 
 and well supported by onnxruntime >= 1.14): it needs no extra package (the dynamo exporter needs
 ``onnxscript``).
 
-    python -m audioset_dcls.tagging.export --checkpoint model.safetensors --onnx model.onnx [--check]
+    python -m audioset_dcls export --checkpoint model.safetensors --onnx model.onnx [--check]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, include_normalizatio
 
     Input ``logmel`` (B, 1, n_mels, num_frames), output ``logits`` (B, num_classes); B is dynamic.
     """
-    try:
+    try:  # the optional [export] extra
         import onnx
     except ImportError:
         raise RuntimeError("ONNX export needs onnx: pip install onnx onnxruntime (or the project's [export] extra)") from None
@@ -93,7 +93,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, include_normalizatio
 def check_onnx(checkpoint: str | Path, onnx_path: str | Path, *, include_normalization: bool = True,
                batch: int = 3, seed: int = 0) -> float:
     """Max |onnxruntime logits - PyTorch logits| on random log-mel-like inputs (B, 1, n_mels, T)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # the optional [export] extra
 
     model, info = load_model(checkpoint, bake=True, device="cpu")
     cfg = info.features

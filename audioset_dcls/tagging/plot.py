@@ -26,7 +26,7 @@ def plot_tags(result: TagResult, out: str | Path, *, k: int = 5, audio_path: str
     Needs matplotlib (``pip install matplotlib``). The spectrogram is streamed and
     time-pooled to at most ``max_columns`` columns, so hours of audio stay cheap.
     """
-    try:
+    try:  # the optional [plot] extra
         import matplotlib
 
         matplotlib.use("Agg")

@@ -15,7 +15,7 @@ decoded signal. Formats that need ffmpeg (m4a, opus, ...) are decoded whole.
 
 Windows of consecutive files share batches, so a folder of short clips runs at full batch size.
 
-``TagResult.events`` turns a file's window scores into sound events (``audioset_dcls/events.py``);
+``TagResult.events`` turns a file's window scores into sound events (``tagging/events.py``);
 :meth:`Tagger.tag_live` scores the windows of a live stream (``audio.stream_pcm``: raw PCM from
 a pipe) one by one as their audio arrives, with the same windows and scores as a file.
 """

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from ..preemption import EXIT_PREEMPTED, parse_stop_signals
-    from .loop import OutputError, train
+    from .loop import train
+    from .state import OutputError
 
     try:
         summary = train(cfg)

@@ -24,11 +24,11 @@ no training config.
 The command line evaluates a saved inference checkpoint, or a published model by name, on a
 shard folder, with these same functions::
 
-    python -m audioset_dcls.training.evaluate --checkpoint FILE_OR_PUBLISHED_NAME --shards EVAL_DIR
+    python -m audioset_dcls evaluate --checkpoint FILE_OR_PUBLISHED_NAME --shards EVAL_DIR
         [--per-class per_class.csv] [--output results.json] [--segments eval_segments.csv]
         [--batch-size 64] [--workers 2] [--precision auto|fp32|bf16|fp16] [--offline]
         [--calibrate [--min-positives 5]]
-    accelerate launch --multi_gpu --num_processes 8 -m audioset_dcls.training.evaluate ...
+    accelerate launch --multi_gpu --num_processes 8 -m audioset_dcls evaluate ...
 
 Every clip is scored once over all processes; bf16 autocast on GPUs by default. The checkpoint's
 feature config and classes must be the shards' (:func:`check_compatible`). ``--segments`` adds
@@ -51,12 +51,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 
-from ..data import ShardSet, build_eval_loader, move_batch
+from ..data import DataError, ShardSet, build_eval_loader, move_batch, open_shard_set
 from ..features import Normalization
 from ..files import atomic_open, write_json, write_text
-from ..hub.checkpoint import probabilities
+from ..hub.checkpoint import (
+    CheckpointError,
+    load_model,
+    probabilities,
+    read_checkpoint_info,
+    store_thresholds,
+)
+from ..hub.pretrained import PretrainedError
+from ..hub.references import resolve_reference_on_main_first
+from ..labels import LabelError, read_segments
 from ..metrics import (
     MIN_POSITIVES,
     calibrate_thresholds,
@@ -111,8 +122,6 @@ def predict_clips(model: nn.Module, shards: ShardSet, norm: Normalization, *, ba
     ones for ``task="singlelabel"``. Returns ClipScores on the main process and None on the
     others; every rank must call it (it gathers).
     """
-    from accelerate.utils import gather_object
-
     was_training = model.training
     model.eval()
     loader = build_eval_loader(shards, batch_size, num_workers, norm, rank=accelerator.process_index,
@@ -231,7 +240,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any], replace: str | None =
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluating a saved checkpoint: python -m audioset_dcls.training.evaluate
+# Evaluating a saved checkpoint: python -m audioset_dcls evaluate
 
 
 class EvaluationError(ValueError):
@@ -324,13 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Evaluate as ``args`` say (every rank); the results dict on the main process, None elsewhere.
     Raises EvaluationError / CheckpointError / DataError (one line) on bad input."""
-    from accelerate import Accelerator
-
-    from ..data import open_shard_set
-    from ..hub.checkpoint import load_model, read_checkpoint_info
-    from ..hub.pretrained import PretrainedError
-    from ..hub.references import resolve_reference_on_main_first
-
     if args.batch_size < 1 or args.workers < 0 or args.min_positives < 1:
         raise EvaluationError("--batch-size and --min-positives must be >= 1 and --workers >= 0")
     shards = open_shard_set(args.shards, "--shards")  # a missing folder fails before any process group
@@ -351,8 +353,6 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     check_compatible(info, shards, str(path))
     segment_keys = None
     if args.segments is not None:
-        from ..labels import read_segments
-
         segment_keys = [seg.key for seg in read_segments(args.segments)]  # LabelError: file and line
     # Training form (not baked), as the training loop evaluates it: the same numbers for the same weights.
     model, info = load_model(path, bake=False, device=accelerator.device)
@@ -385,8 +385,6 @@ def report(args: argparse.Namespace, clips: ClipScores, info, shards, path: Path
     if args.per_class is not None:
         write_per_class_csv(args.per_class, result, shards.labels)
     if args.calibrate:
-        from ..hub.checkpoint import store_thresholds
-
         record = thresholds_record(result)
         store_thresholds(path, record)
         out["calibrated"] = {"classes": len(record["values"]), "fallback": len(record["fallback"]),
@@ -398,10 +396,6 @@ def report(args: argparse.Namespace, clips: ClipScores, info, shards, path: Path
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit status 0, or 2 with a one-line error for input that cannot be evaluated."""
-    from ..data import DataError
-    from ..hub.checkpoint import CheckpointError
-    from ..labels import LabelError
-
     args = build_parser().parse_args(argv)
     try:
         out = run(args)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..files import write_text
@@ -74,8 +75,6 @@ def read_init_weights(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict
 def _read_training_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)  # never runs code
     except Exception as err:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from ..data import (
     ShardSet,
     labels_per_clip,
 )
+from ..models import create_model, param_groups
 
 __all__ = ["lr_at", "gradient_accumulation_steps", "build_model", "build_optimizer", "build_scheduler", "compute_loss", "resolve_task", "ModelEma", "model_kwargs"]
 
@@ -50,15 +50,13 @@ def gradient_accumulation_steps(global_batch: int, per_device_batch: int, num_pr
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW or LAMB over models.param_groups (DCLS positions/widths: lr x dcls_lr_scale, no decay)."""
-    from ..models import param_groups
-
     o = cfg.optim
     groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, dcls_lr_scale=o.dcls_lr_scale)
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     # timm's LAMB (what the reference trains ConvFormer with): per-layer trust ratio, and a
     # global grad-norm clip at 1.0 built in, as in timm's defaults.
-    from timm.optim import Lamb
+    from timm.optim import Lamb  # only the LAMB recipes need timm's optimizers
 
     return Lamb(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
@@ -85,12 +83,9 @@ class ModelEma(nn.Module):
                 e.copy_(m)
 
 
-@dataclass
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """The network ``cfg.model`` describes, freshly initialised from the global torch RNG (seed
     first for identical replicas). Maps (B, 1, n_mels, T) log-mels to (B, num_classes) logits."""
-    from ..models import create_model
-
     return create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
                         **model_kwargs(cfg))
 

@@ -29,6 +29,7 @@ class OutputError(RuntimeError):
     rank; the message names the file and the checkpoint a ``--resume`` continues from."""
 
 
+@dataclass
 class TrainProgress:
     """Where training stands; saved with every checkpoint (accelerate custom object)."""
 
