@@ -124,7 +124,7 @@ def test_inputs_it_cannot_evaluate_give_one_line(shards, checkpoint, tmp_path, c
     assert "its classes are not the shards'" in line and "class 0" in line
 
     line = error("--checkpoint", "no_such_model", "--shards", str(shards))
-    assert "neither a checkpoint file nor a published model" in line
+    assert "no_such_model: no such checkpoint file or folder, and not a published model" in line
     monkeypatch.setenv("AUDIOSET_DCLS_CACHE", str(tmp_path / "empty_cache"))
     line = error("--checkpoint", "convnext_tiny_dcls", "--shards", str(shards), "--offline")
     assert "convnext_tiny_dcls: not in the cache" in line
