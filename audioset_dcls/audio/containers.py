@@ -48,7 +48,7 @@ import numpy as np
 
 from .decode import AudioDecodeError, decode_bytes, decode_mono, decode_audio, decode_mono_bytes, downmix
 
-__all__ = ["ClipRef", "ContainerClip", "MissingExtra", "read_clip", "read_clip_mono", "close_containers",
+__all__ = ["ClipRef", "ContainerClip", "MissingExtra", "read_clip", "read_clip_mono", "open_containers", "close_containers",
            "iter_hdf5", "iter_parquet", "iter_wds_audio", "hdf5_clip_ids", "expand_inputs", "id_from_name",
            "MAX_OPEN", "HDF5_SAMPLE_RATE"]
 
@@ -205,6 +205,11 @@ def _close(handle: Any) -> None:
     close = getattr(handle, "close", None)
     if close is not None:
         close()
+
+
+def open_containers() -> list[tuple[str, str]]:
+    """``(container, path)`` of the files this process holds open, least recently used first."""
+    return list(_handles().open)
 
 
 def close_containers() -> None:
