@@ -260,7 +260,7 @@ def test_broken_parquet_rows_are_reported(data, tmp_path, capsys):
     flac = data["flacs"]["aaaaaaaaaaa"]
     rows = [("aaaaaaaaaaa", flac, ["/m/09x0r"]), ("jjjjjjjjjjj", b"", ["/m/09x0r"]),
             ("kkkkkkkkkkk", b"fLaC" + bytes(range(256)) * 8, ["/m/09x0r"]), ("lllllllllll", None, ["/m/04rlf"]),
-            ("mmmmmmmmmmm", flac, ["/m/not_a_mid"])]
+            ("mmmmmmmmmmm", flac, ["/m/not_a_mid"]), ("bad.id/x", flac, ["/m/09x0r"])]
     pqf = _write_parquet(tmp_path / "broken.parquet", rows, 2)
     argv = ["--parquet", str(tmp_path), "--out", str(tmp_path / "out"), "--split", "train", "--workers", "0",
             "--no-progress"]
@@ -273,7 +273,8 @@ def test_broken_parquet_rows_are_reported(data, tmp_path, capsys):
     assert got == {"jjjjjjjjjjj": ("empty", f"{pqf}:group 0 row 1"),
                    "kkkkkkkkkkk": ("unreadable", f"{pqf}:group 1 row 0"),
                    "lllllllllll": ("empty", f"{pqf}:group 1 row 1"),
-                   "mmmmmmmmmmm": ("label", f"{pqf}:group 2 row 0")}
+                   "mmmmmmmmmmm": ("label", f"{pqf}:group 2 row 0"),
+                   "bad.id/x": ("unreadable", f"{pqf}:group 2 row 1")}
     assert m["num_samples"] == 1
 
 

@@ -16,10 +16,12 @@ frozen, picklable) says where one clip's audio is:
 :class:`~audioset_dcls.audio.decode.AudioDecodeError` with a ``kind``. :func:`read_clip_mono` is
 the same downmixed to (N,) (bit for bit ``downmix(read_clip(ref)[0])``, faster for 16-bit audio).
 Containers are opened lazily and kept open: at most one handle per container file per process
+(handles are per process, not per thread: use processes, as the shard builder and DataLoader
+workers do)
 (the last :data:`MAX_OPEN` files used), reopened after a fork. A parquet read keeps the ``audio``
 column of the last row group it read (one per process), so reading a group's rows one after
-the other reads the group once; that column (~100 rows, ~100 MB for Hugging Face's AudioSet) is
-the memory bound of a parquet reader, one row (640 kB) that of an HDF5 reader, one member that of
+the other reads the group once; that column (``datasets`` writes audio row groups of at most 100
+rows: ~100-200 MB of 48 kHz FLAC) is the memory bound of a parquet reader, one row (640 kB) that of an HDF5 reader, one member that of
 a tar reader.
 
 The ``iter_*`` functions list a container's clips in a stable order (file order), streaming
@@ -53,6 +55,7 @@ __all__ = ["ClipRef", "ContainerClip", "MissingExtra", "read_clip", "read_clip_m
            "MAX_OPEN", "HDF5_SAMPLE_RATE"]
 
 MAX_OPEN = 64  # container files kept open per process
+PARQUET_BUFFER = 1 << 20  # parquet column chunks are read through a buffer of this size, not whole
 HDF5_SAMPLE_RATE = 32000  # PANNs' rate, for files without a sample_rate attribute
 EXTRA = 'pip install "audioset-dcls[containers]"'
 # Audio member suffixes of audio WebDataset tars (libsndfile formats + ffmpeg-only ones).
@@ -187,7 +190,7 @@ def _open(container: str, path: str) -> Any:
         if container == "hdf5":
             handle = _h5py().File(path, "r")
         elif container == "parquet":
-            handle = _pq().ParquetFile(path)
+            handle = _pq().ParquetFile(path, buffer_size=PARQUET_BUFFER, pre_buffer=False)
         else:
             handle = open(path, "rb")
     except MissingExtra:
@@ -239,7 +242,7 @@ def read_clip(ref: ClipRef) -> tuple[np.ndarray, int]:
         return _cut(ref, samples, sr), sr
     if ref.container == "hdf5":
         return _read_hdf5(ref)
-    return decode_bytes(_container_bytes(ref), _name(ref))
+    return decode_bytes(*_container_bytes(ref))
 
 
 def read_clip_mono(ref: ClipRef) -> tuple[np.ndarray, int]:
@@ -251,7 +254,7 @@ def read_clip_mono(ref: ClipRef) -> tuple[np.ndarray, int]:
     if ref.container == "hdf5":
         samples, sr = _read_hdf5(ref)
         return downmix(samples), sr
-    return decode_mono_bytes(_container_bytes(ref), _name(ref))
+    return decode_mono_bytes(*_container_bytes(ref))
 
 
 def _cut(ref: ClipRef, samples: np.ndarray, sr: int) -> np.ndarray:
@@ -263,13 +266,6 @@ def _cut(ref: ClipRef, samples: np.ndarray, sr: int) -> np.ndarray:
         raise AudioDecodeError(ref.path, "empty", f"no audio from {ref.start:g} s on (the file is "
                                                   f"{samples.shape[0] / sr:.2f} s long)")
     return out
-
-
-def _name(ref: ClipRef) -> str:
-    """A name for in-memory bytes: the clip's place, ending in the audio's suffix (picks ffmpeg)."""
-    if ref.container == "tar":
-        return ref.describe()
-    return ref.describe() + _parquet_suffix(ref)
 
 
 def _read_hdf5(ref: ClipRef) -> tuple[np.ndarray, int]:
@@ -295,12 +291,6 @@ def _read_hdf5(ref: ClipRef) -> tuple[np.ndarray, int]:
     return samples, sr
 
 
-def _parquet_suffix(ref: ClipRef) -> str:
-    """The suffix of the ``audio.path`` of a parquet row ('' if none), which picks the decoder."""
-    path = _parquet_audio(ref)[1]
-    return os.path.splitext(path or "")[1].lower()
-
-
 def _parquet_audio(ref: ClipRef) -> tuple[bytes, str | None]:
     """(bytes, path) of the ``audio`` struct of a parquet row; reads (and keeps) its row group."""
     h = _handles()
@@ -309,7 +299,7 @@ def _parquet_audio(ref: ClipRef) -> tuple[bytes, str | None]:
         pf = _open("parquet", ref.path)
         h.group_key = h.group_audio = None  # free the old group before reading the new one
         try:
-            h.group_audio = pf.read_row_group(ref.group, columns=["audio"]).column("audio").combine_chunks()
+            h.group_audio = pf.read_row_group(ref.group, columns=["audio"], use_threads=False).column("audio")
         except Exception as err:
             raise AudioDecodeError(where, "unreadable", f"cannot read row group {ref.group} "
                                                         f"({_one_line(err)})") from None
@@ -323,13 +313,14 @@ def _parquet_audio(ref: ClipRef) -> tuple[bytes, str | None]:
     return value.get("bytes") or b"", value.get("path")
 
 
-def _container_bytes(ref: ClipRef) -> bytes:
-    """The whole audio file stored at ``ref`` (parquet bytes, or a tar member's data)."""
+def _container_bytes(ref: ClipRef) -> tuple[bytes, str]:
+    """The whole audio file stored at ``ref`` (parquet bytes, or a tar member's data) and a name
+    for it: the clip's place, ending in the audio's suffix (which picks ffmpeg where needed)."""
     if ref.container == "parquet":
-        data = _parquet_audio(ref)[0]
+        data, path = _parquet_audio(ref)
         if not data:
             raise AudioDecodeError(ref.describe(), "empty", "no audio bytes")
-        return data
+        return data, ref.describe() + os.path.splitext(path or "")[1].lower()
     if ref.container != "tar":
         raise ValueError(f"unknown container {ref.container!r}")
     f = _open("tar", ref.path)
@@ -339,7 +330,7 @@ def _container_bytes(ref: ClipRef) -> bytes:
         raise AudioDecodeError(ref.describe(), "unreadable", f"truncated tar: {len(data)} of {ref.size} bytes")
     if not data:
         raise AudioDecodeError(ref.describe(), "empty", "empty member (0 bytes)")
-    return data
+    return data, ref.describe()
 
 
 # ------------------------------------------------------------------------------ listing clips
@@ -431,7 +422,8 @@ def iter_wds_audio(path: str | Path, label_field: str = "labels") -> Iterator[Co
         raise ValueError(f"{path}: not an uncompressed tar ({_one_line(err)}); decompress .tar.gz first") from None
     with tar:
         key, members = None, []
-        for info in tar:
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # tarfile keeps every header it read: memory would grow with the tar
             if not info.isfile():
                 continue
             k, _, ext = _split_member(info.name)

@@ -298,6 +298,7 @@ def label_clips(rows: Iterable[LabelledRow], classes: Sequence[str] | None, unkn
 
 # ------------------------------------------------------------------- AudioSet containers
 
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")  # what a sample key may hold (YouTube ids do)
 _CONTAINER_SUFFIXES = {"hdf5": (".h5", ".hdf5", ".hdf"), "parquet": (".parquet",), "wds_audio": (".tar",)}
 
 
@@ -329,6 +330,10 @@ def _container_labels(c: ContainerClip, labels: LabelSet, index: dict[str, int],
         return None
     if not c.id:
         dropped.append(DroppedRow("missing", "", 0.0, None, c.where, f"{c.where}: empty clip name (no audio), skipped"))
+        return None
+    if not _SAFE_ID.fullmatch(c.id):
+        dropped.append(DroppedRow("unreadable", c.id, 0.0, None, c.where, f"{c.where}: clip id {c.id!r} has "
+                                  "characters other than letters, digits, '_' and '-' (not a sample key), skipped"))
         return None
     if c.ref.container == "hdf5":
         if any(i >= len(labels) for i in c.labels):
