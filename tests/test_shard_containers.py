@@ -25,7 +25,9 @@ pq = pytest.importorskip("pyarrow.parquet")
 from audioset_dcls.audio import containers  # noqa: E402
 from audioset_dcls.audio.containers import ClipRef, hdf5_clip_ids, read_clip, read_clip_mono  # noqa: E402
 from audioset_dcls.audio.decode import AudioDecodeError, downmix  # noqa: E402
-from audioset_dcls.labels import audioset_label_set  # noqa: E402
+from audioset_dcls.data import build_eval_loader, open_shard_set  # noqa: E402
+from audioset_dcls.features import Normalization  # noqa: E402
+from audioset_dcls.labels import audioset_label_set, read_segments  # noqa: E402
 from audioset_dcls.shards.build import BuildOptions, build_shards, format_summary  # noqa: E402
 from audioset_dcls.shards.cli import main  # noqa: E402
 from audioset_dcls.shards.format import read_manifest, sha256_file  # noqa: E402
@@ -228,7 +230,11 @@ def test_hdf5_with_segments_takes_their_times_and_reports_coverage(data, folder_
     listed.write_text(data["csv32_at30"].read_text() + 'zzzzzzzzzzz, 30.000, 40.000, "/m/09x0r"\n')
     result = build_shards(_opts(out, hdf5=(str(data["h5_int16"]),), segments=(data["csv32_at30"],)))
     _same_shards(out, folder_builds["h5_at30"])
-    assert all(k.endswith("_30000") for k in _content(out))
+    # what training and `evaluate --segments` read: the loader's keys are the segment list's keys
+    shards = open_shard_set(out, "data.eval")
+    keys = [k for b in build_eval_loader(shards, 2, 0, Normalization(), rank=0, world_size=1) for k in b["keys"]]
+    assert sorted(keys) == sorted(seg.key for seg in read_segments(data["csv32_at30"]))
+    assert all(k.endswith("_30000") for k in keys)
     result = build_shards(_opts(tmp_path / "out2", hdf5=(str(data["h5_int16"]),), segments=(listed,)))
     m = read_manifest(tmp_path / "out2")
     assert [(s["kind"], s["ytid"]) for s in m["skipped"]] == [("missing", "zzzzzzzzzzz")]
@@ -364,6 +370,24 @@ def test_killed_container_build_resumes_to_the_clean_build(data, tmp_path):
     digests = lambda o: {p.name: sha256_file(p) for p in sorted(o.glob("*.tar"))}  # noqa: E731
     assert digests(out) == digests(clean)
     assert read_manifest(out) == read_manifest(clean)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--audio-dir", "."], "--hdf5 holds the audio: drop --audio-dir"),
+    (["--parquet", "x.parquet"], "not --hdf5 and --parquet"),
+    (["--classes", "c.txt"], "--classes is for --list and --class-folders"),
+])
+def test_container_argument_errors_are_one_line(data, tmp_path, capsys, extra, words):
+    code = main(["--hdf5", str(data["h5_int16"]), "--out", str(tmp_path / "o"), "--split", "train", "--no-progress",
+                 *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err and "\n" not in err, err
+
+
+def test_a_pattern_naming_nothing_is_one_line(tmp_path, capsys):
+    code = main(["--wds-audio", str(tmp_path / "a-{000..002}.tar"), "--out", str(tmp_path / "o"), "--split", "t"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: {tmp_path / 'a-{000..002}.tar'}: no wds audio file(s) found"
 
 
 # ------------------------------------------------------------------------ without the extra
