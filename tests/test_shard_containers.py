@@ -262,6 +262,23 @@ def test_broken_hdf5_rows_are_skipped_with_their_kind(data, tmp_path):
     assert hdf5_clip_ids([h5, data["h5_int16"]]) == ["aaaaaaaaaaa", "", "hhhhhhhhhhh", "iiiiiiiiiii", *H5_IDS]
 
 
+def test_hdf5_at_16k_is_upsampled_and_counted(data, tmp_path):
+    """A 16 kHz HDF5 copy: the sample_rate attribute is read, the clip resampled like the same
+    audio in a 16 kHz file, and the summary counts it."""
+    ints = data["ints"]["ggggggggggg"]  # 16 kHz mono int16
+    h5 = _write_h5(tmp_path / "16k.h5", [b"Yggggggggggg.wav"], ints[None], _target(CLIPS["ggggggggggg"][3])[None],
+                   rate=16000)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "Yggggggggggg.flac").write_bytes(data["flacs"]["ggggggggggg"])
+    listed = tmp_path / "g.csv"
+    listed.write_text('ggggggggggg, 0.000, 10.000, "/m/0jbk"\n')
+    result = build_shards(_opts(tmp_path / "h5", hdf5=(str(h5),)))
+    build_shards(_opts(tmp_path / "folder_out", segments=(listed,), audio_dir=folder))
+    assert result.upsampled == {16000: 1} and "1 from 16 kHz" in format_summary(result)
+    assert _content(tmp_path / "h5") == _content(tmp_path / "folder_out")
+
+
 def test_broken_parquet_rows_are_reported(data, tmp_path, capsys):
     flac = data["flacs"]["aaaaaaaaaaa"]
     rows = [("aaaaaaaaaaa", flac, ["/m/09x0r"]), ("jjjjjjjjjjj", b"", ["/m/09x0r"]),
@@ -376,10 +393,13 @@ def test_killed_container_build_resumes_to_the_clean_build(data, tmp_path):
     (["--audio-dir", "."], "--hdf5 holds the audio: drop --audio-dir"),
     (["--parquet", "x.parquet"], "not --hdf5 and --parquet"),
     (["--classes", "c.txt"], "--classes is for --list and --class-folders"),
+    (["--labels", "LABELS5"], "target has 527 classes, the class list (--labels) 5"),
 ])
 def test_container_argument_errors_are_one_line(data, tmp_path, capsys, extra, words):
+    five = tmp_path / "labels5.csv"
+    five.write_text("index,mid,display_name\n" + "".join(f'{i},{m},"{m}"\n' for i, m in enumerate(MIDS + ["/m/x"])))
     code = main(["--hdf5", str(data["h5_int16"]), "--out", str(tmp_path / "o"), "--split", "train", "--no-progress",
-                 *extra])
+                 *[str(five) if x == "LABELS5" else x for x in extra]])
     err = capsys.readouterr().err.strip()
     assert code == 2 and words in err and "\n" not in err, err
 

@@ -143,7 +143,8 @@ class ContainerClip(NamedTuple):
     ``id``: the clip's id (AudioSet: the YouTube id; ``""`` when the container has none for it);
     ``labels``: HDF5: class indices (the ``True`` columns of ``target``); parquet and tar: label
     strings (mids or names) as stored; ``where``: ``file:row ...`` for messages; ``meta``: other
-    fields (tar: the sample's JSON); when the row cannot be used, ``meta["problem"]`` says why
+    fields (HDF5: ``num_classes``, the width of ``target``; parquet: ``human_labels``; tar: the
+    sample's JSON); when the row cannot be used, ``meta["problem"]`` says why
     (one line) and ``meta["problem_kind"]`` is its kind (``missing``, ``no_labels``, ``unreadable``).
     """
 
@@ -383,12 +384,13 @@ def iter_hdf5(path: str | Path, block: int = 4096) -> Iterator[ContainerClip]:
         _dataset(f, "waveform", path)
         if target.shape[0] != names.shape[0]:
             raise ValueError(f"{path}: {names.shape[0]} audio_name rows but {target.shape[0]} target rows")
+        meta = {"num_classes": int(target.shape[1]) if target.ndim == 2 else 0}  # shared by the file's clips
         for lo in range(0, names.shape[0], block):
             t = np.asarray(target[lo: lo + block]) != 0  # (rows, classes) bool
             for i, name in enumerate(names[lo: lo + block]):
                 row = lo + i
                 yield ContainerClip(id_from_name(name), ClipRef.hdf5(path, row),
-                                    tuple(int(c) for c in np.flatnonzero(t[i])), f"{path}:row {row}", {})
+                                    tuple(int(c) for c in np.flatnonzero(t[i])), f"{path}:row {row}", meta)
 
 
 def iter_parquet(path: str | Path) -> Iterator[ContainerClip]:

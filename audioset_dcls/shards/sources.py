@@ -336,9 +336,9 @@ def _container_labels(c: ContainerClip, labels: LabelSet, index: dict[str, int],
                                   "characters other than letters, digits, '_' and '-' (not a sample key), skipped"))
         return None
     if c.ref.container == "hdf5":
-        if any(i >= len(labels) for i in c.labels):
-            raise LabelError(f"{c.where}: target has a class {max(c.labels)} beyond the {len(labels)} classes of "
-                             "the class list (--labels)")
+        if c.meta["num_classes"] != len(labels):
+            raise LabelError(f"{c.ref.path}: target has {c.meta['num_classes']} classes, the class list (--labels) "
+                             f"{len(labels)}; give the class_labels_indices.csv these files were packed with")
         found = c.labels
     else:
         unknown_names = [n for n in c.labels if n not in index]
