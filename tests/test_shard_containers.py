@@ -239,6 +239,11 @@ def test_hdf5_with_segments_takes_their_times_and_reports_coverage(data, folder_
     m = read_manifest(tmp_path / "out2")
     assert [(s["kind"], s["ytid"]) for s in m["skipped"]] == [("missing", "zzzzzzzzzzz")]
     assert result.unlisted == 0
+    two = tmp_path / "two.csv"
+    two.write_text("".join(data["csv32_at30"].read_text().splitlines(keepends=True)[1:3]))
+    result = build_shards(_opts(tmp_path / "out3", hdf5=(str(data["h5_int16"]),), segments=(two,)))
+    assert result.unlisted == 2 and result.clips_written == 2
+    assert "2 clip(s) of the containers are not in --segments and were left out" in format_summary(result)
 
 
 # ------------------------------------------------------------------------ broken rows
