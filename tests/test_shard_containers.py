@@ -351,6 +351,10 @@ def test_read_clip_every_container_and_one_handle_per_file(data):
     with pytest.raises(AudioDecodeError) as err:
         read_clip(ClipRef.hdf5(data["h5_int16"], 99))
     assert err.value.kind == "unreadable" and "row 99" in str(err.value)
+    plain = data["root"] / "binary.parquet"  # an audio column of plain binary instead of a struct
+    pq.write_table(pa.table({"video_id": ["aaaaaaaaaaa"], "audio": [data["flacs"]["aaaaaaaaaaa"]],
+                             "labels": [["/m/09x0r"]]}), plain)
+    assert np.array_equal(read_clip(ClipRef.parquet(plain, 0, 0))[0], read_clip(ClipRef.parquet(data["parquet1"], 0, 0))[0])
     cut = read_clip(ClipRef.file(data["folder"] / "Yaaaaaaaaaaa.flac", 2.0, 3.5))[0]
     assert cut.shape == (48000,)
 

@@ -309,6 +309,8 @@ def _parquet_audio(ref: ClipRef) -> tuple[bytes, str | None]:
         value = h.group_audio[ref.row].as_py()
     except IndexError:
         raise AudioDecodeError(where, "missing", "no such row") from None
+    if isinstance(value, bytes):  # an ``audio`` column of plain binary (the file's bytes)
+        return value, None
     if not isinstance(value, dict):
         raise AudioDecodeError(where, "empty", "no audio (null audio struct)")
     return value.get("bytes") or b"", value.get("path")
