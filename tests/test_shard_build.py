@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audioset_dcls.audio.containers import ClipRef
 from audioset_dcls.features import FeatureConfig
 from audioset_dcls.shards.build import BuildError, BuildOptions, build_shards, format_summary, merge_shards
 from audioset_dcls.shards.worker import ClipTask, process_clip
@@ -22,7 +23,8 @@ CFG = FeatureConfig(clip_seconds=1.0)
 
 
 def _task(path: Path | None) -> ClipTask:
-    return ClipTask(key="x_0", path=None if path is None else str(path), labels=(0,), ytid="x", start=0.0, end=1.0)
+    return ClipTask(key="x_0", ref=None if path is None else ClipRef.file(path), labels=(0,), ytid="x", start=0.0,
+                    end=1.0)
 
 
 def test_process_clip_skip_kinds(tmp_path):

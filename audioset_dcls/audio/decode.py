@@ -7,6 +7,7 @@ every failure is an :class:`AudioDecodeError` whose ``kind`` says what went wron
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
@@ -19,7 +20,9 @@ import soxr
 __all__ = [
     "AudioDecodeError",
     "decode_audio",
+    "decode_bytes",
     "decode_mono",
+    "decode_mono_bytes",
     "downmix",
     "error_line",
     "load_audio",
@@ -53,8 +56,10 @@ class AudioDecodeError(RuntimeError):
 _FFMPEG_SUFFIXES = {".m4a", ".mp4", ".aac", ".opus", ".webm", ".mkv", ".wma"}
 
 
-def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
-    """Decode through ffmpeg: mono float32 at the file's native rate (soxr resamples later)."""
+def _decode_ffmpeg(path: Path, data: bytes | None = None) -> tuple[np.ndarray, int]:
+    """Decode through ffmpeg: mono float32 at the file's native rate (soxr resamples later).
+
+    ``data``: the file's bytes (fed on stdin; ``path`` then only names them)."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise AudioDecodeError(
@@ -62,9 +67,10 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
             "(install it, e.g. `apt-get install ffmpeg`, or convert the file to flac/wav)"
         )
     proc = subprocess.run(
-        [ffmpeg, "-nostdin", "-hide_banner", "-i", str(path), "-map", "0:a:0", "-ac", "1",
+        [ffmpeg, *(("-nostdin", "-i", str(path)) if data is None else ("-i", "pipe:0")), "-hide_banner",
+         "-map", "0:a:0", "-ac", "1",
          "-f", "f32le", "-acodec", "pcm_f32le", "-"],
-        capture_output=True,
+        input=data, capture_output=True,
     )
     log = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
@@ -146,22 +152,61 @@ def decode_mono(path: str | Path) -> tuple[np.ndarray, int]:
     if _needs_ffmpeg(Path(path)):
         return decode_audio(path)  # ffmpeg already downmixes
     path = _check_audio_file(path)
+    return _soundfile_mono(str(path), path)
+
+
+def _soundfile_mono(source: str | io.BytesIO, name: Path) -> tuple[np.ndarray, int]:
+    """``decode_mono`` of a file name or an in-memory file (``name`` names it in errors)."""
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source) as f:
             sr = int(f.samplerate)
             if f.subtype in _INT16_SUBTYPES and f.channels <= 256:
                 ints = f.read(dtype="int16", always_2d=True)  # (N, channels)
             else:
                 ints, data = None, f.read(dtype="float32", always_2d=False)
     except Exception as err:  # libsndfile reports corrupt/unknown files as several types
-        raise _unreadable(path, err) from None
+        raise _unreadable(name, err) from None
     if ints is None:
-        _check_samples(path, data)
+        _check_samples(name, data)
         return downmix(data), sr
-    _check_samples(path, ints)
+    _check_samples(name, ints)
     mono = downmix(ints)  # exact integer sums, divided by the channel count
     mono *= np.float32(1.0 / 32768.0)  # a power of two: commutes exactly with that division
     return mono, sr
+
+
+def _check_bytes(data: bytes, name: str | Path) -> Path:
+    if len(data) == 0:
+        raise AudioDecodeError(name, "empty", "no audio bytes")
+    return Path(str(name))
+
+
+def decode_bytes(data: bytes, name: str | Path) -> tuple[np.ndarray, int]:
+    """``decode_audio`` of a whole audio file held in memory (a container's FLAC/WAV/MP3 bytes).
+
+    ``name`` names the clip in errors and picks ffmpeg by its suffix (``.m4a`` ...). Returns
+    ``(samples (N,) or (N, channels) float32, sample_rate)``; raises AudioDecodeError.
+    """
+    name = _check_bytes(data, name)
+    if _needs_ffmpeg(name):
+        mono, sr = _decode_ffmpeg(name, data)
+        _check_samples(name, mono)
+        return mono, sr
+    try:
+        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except Exception as err:  # libsndfile reports corrupt/unknown files as several types
+        raise _unreadable(name, err) from None
+    _check_samples(name, samples)
+    return samples, int(sr)
+
+
+def decode_mono_bytes(data: bytes, name: str | Path) -> tuple[np.ndarray, int]:
+    """``decode_mono`` of a whole audio file held in memory: ``(mono float32 (N,), sample_rate)``,
+    bit for bit what ``decode_mono`` gives for the same bytes in a file."""
+    name = _check_bytes(data, name)
+    if _needs_ffmpeg(name):
+        return decode_bytes(data, name)
+    return _soundfile_mono(io.BytesIO(data), name)
 
 
 def downmix(data: np.ndarray) -> np.ndarray:

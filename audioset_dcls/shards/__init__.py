@@ -21,7 +21,8 @@ Output, in ``out`` (one split per folder):
 - ``_build/``: the plan and one small record per finished shard; what resuming and merging read.
 
 How clips become shards (deterministic, so resuming and ``part`` are safe): the clips of the
-inputs (duplicates removed) are shuffled with ``seed``; shard ``i`` holds positions
+inputs (duplicates removed) are shuffled with ``seed`` (the clips of one parquet row group stay
+together, so that a worker reads each group once); shard ``i`` holds positions
 ``[i * shard_size, (i + 1) * shard_size)`` of that order, minus the clips that turned out to be
 missing or broken. A shard's content therefore depends only on the inputs and the settings, never
 on which other shards exist (a slot whose clips are all bad gets no tar, so numbers can have
@@ -38,10 +39,13 @@ tars and ``_build/`` records into one folder (names never collide) and call ``me
 
 The modules, in the order data flows through them (``format`` is the sample format they all share):
 
-- ``sources``: the inputs -> the clips (label set, clips in input order, rows left out) and
-  where each clip's audio file is;
+- ``sources``: the inputs (segment CSVs + a folder, AudioSet containers: HDF5, parquet, audio
+  WebDataset tars, or your own lists) -> the clips (label set, clips in input order, rows left
+  out) and where each clip's audio is (an ``audio.containers.ClipRef``: a file, a cut, a
+  container row);
 - ``plan``: the options, the seeded order, shard slots and ``--part`` ranges, ``_build/plan.json``;
-- ``worker``: one clip -> an encoded sample or a skip, in a pool of worker processes;
+- ``worker``: one clip -> an encoded sample or a skip, in a pool of worker processes (which open
+  containers lazily: one handle per worker and file);
 - ``writer``: samples -> tars (one writer process), per-shard records and their verification;
 - ``manifest``: records -> ``manifest.json``, ``sizes.json``, ``skipped.csv``; merging parts;
 - ``build``: one run from the options to the summary.

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
@@ -24,8 +24,8 @@ from .plan import (
     part_shard_range,
     shard_name,
 )
-from .sources import file_finder, read_clips
-from .worker import ClipTask, run_clips
+from .sources import read_clips, ref_finder
+from .worker import ClipResult, ClipTask, run_clips
 from .writer import finished_shards, record_path, write_shard
 
 # The builder's API in one place: a build needs the options, the entry point and its result.
@@ -45,6 +45,8 @@ class BuildResult:
     skipped: Counter
     seconds: float  # clip processing wall time (pool start to last shard)
     shards_missing: list[str] = field(default_factory=list)
+    upsampled: Counter = field(default_factory=Counter)  # source rate below the front end's -> clips
+    unlisted: int = 0  # container clips not in --segments (not built)
 
     @property
     def clips_per_second(self) -> float:
@@ -59,7 +61,9 @@ def build_shards(opts: BuildOptions) -> BuildResult:
     opts.check()
     out = Path(opts.out)
     source = read_clips(opts)
-    order = order_segments(source.clips, opts.seed, opts.shuffle)
+    refs = source.refs
+    block_of = None if refs is None else (lambda seg: _block(refs, seg))
+    order = order_segments(source.clips, opts.seed, opts.shuffle, block_of)
     plan = make_plan(opts, source.labels, order, source.dropped)
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_plan(out, plan)
@@ -80,15 +84,16 @@ def build_shards(opts: BuildOptions) -> BuildResult:
     if opts.progress:
         print(f"{opts.split}: {len(order)} segments in {plan['num_shards']} shard slot(s) of {S}; "
               f"this run: {len(todo)} to build, {len(done)} already finished", file=sys.stderr)
-    find = file_finder(opts, todo_segs)
-    tasks = (ClipTask(seg.key, find(seg), seg.labels, seg.ytid, seg.start, seg.end, cut=seg.path is not None)
-             for seg in todo_segs)
+    find = ref_finder(opts, source, todo_segs)
+    tasks = (ClipTask(seg.key, find(seg), seg.labels, seg.ytid, seg.start, seg.end) for seg in todo_segs)
 
-    written, skipped, n_ok = [], Counter(), 0
+    written, skipped, n_ok, upsampled = [], Counter(), 0, Counter()
     bar = tqdm(total=len(todo_segs), unit="clips", desc=f"{opts.split} shards", mininterval=1.0,
                disable=not opts.progress or not todo_segs, dynamic_ncols=True)
     t0 = time.perf_counter()
-    results = run_clips(tasks, opts.feature_config, opts.workers, opts.clips_per_task, LogmelEncoding(opts.encoding))
+    results = _count_upsampled(
+        run_clips(tasks, opts.feature_config, opts.workers, opts.clips_per_task, LogmelEncoding(opts.encoding)),
+        opts.feature_config.sample_rate, upsampled)
     try:
         for i in todo:
             shard_segs = order[i * S : (i + 1) * S]
@@ -107,8 +112,25 @@ def build_shards(opts: BuildOptions) -> BuildResult:
         out=out, manifest=manifest, shards_written=written,
         shards_reused=[done[i]["name"] for i in sorted(done) if done[i]["name"] not in written],
         clips_processed=len(todo_segs), clips_written=n_ok, skipped=skipped, seconds=seconds,
-        shards_missing=missing,
+        shards_missing=missing, upsampled=upsampled, unlisted=source.unlisted,
     )
+
+
+def _block(refs: dict, seg) -> tuple[str, int] | None:
+    ref = refs.get(seg.ytid)
+    return None if ref is None else ref.block
+
+
+def _count_upsampled(results: Iterator[ClipResult], rate: int, counts: Counter) -> Iterator[ClipResult]:
+    """Pass results through, counting clips per source rate below ``rate`` (their mels above
+    half that rate are empty)."""
+    try:
+        for r in results:
+            if r.kind == "ok" and r.rate < rate:
+                counts[r.rate] += 1
+            yield r
+    finally:
+        results.close()
 
 
 def format_summary(result: BuildResult, opts: BuildOptions | None = None) -> str:
@@ -125,6 +147,12 @@ def format_summary(result: BuildResult, opts: BuildOptions | None = None) -> str
     else:
         lines.append(f"nothing to build{done_part}: all {len(r.shards_reused)} shard(s) were already "
                      "finished (verified)")
+    if r.upsampled:
+        rates = ", ".join(f"{n} from {sr / 1000:g} kHz" for sr, n in sorted(r.upsampled.items()))
+        lines.append(f"upsampled {sum(r.upsampled.values())} clip(s) ({rates}): their mels above half "
+                     "that rate are empty")
+    if r.unlisted:
+        lines.append(f"{r.unlisted} clip(s) of the containers are not in --segments and were left out")
     if r.skipped:
         lines.append("skipped this run: " + ", ".join(f"{n} {k}" for k, n in sorted(r.skipped.items())))
     m = r.manifest

@@ -4,10 +4,15 @@ command line.
     audioset-dcls build-shards --segments balanced_train_segments.csv \\
         unbalanced_train_segments.csv --labels class_labels_indices.csv \\
         --audio-dir /data/audioset/audio --out /data/shards/train --split train --workers 16
+    audioset-dcls build-shards --hdf5 'hdf5s/waveforms/*train*.h5' --out shards/train --split train
+    audioset-dcls build-shards --parquet AudioSet/data/eval --out shards/eval --split eval
+    audioset-dcls build-shards --wds-audio 'audioset-{000000..000099}.tar' --out shards/train --split train
     audioset-dcls build-shards --list train.csv --out shards/train --split train
     audioset-dcls build-shards --list eval.csv --classes shards/train --out shards/eval --split eval
     audioset-dcls build-shards --class-folders clips/ --out shards/train --split train
 
+``--hdf5`` / ``--parquet`` / ``--wds-audio``: AudioSet as PANNs HDF5 waveforms, the Hugging Face
+parquet copy or audio WebDataset tars, read in place (see :mod:`audioset_dcls.audio.containers`).
 ``--list``: CSVs with a header ``path,labels[,start,end]`` (labels separated by ``;``, paths
 relative to the CSV); ``--class-folders``: ``DIR/<class>/*.wav``; ``--classes``: the class list
 (a text file, or the train shard folder) so that train and eval share class indices. See
@@ -31,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..audio.containers import MissingExtra
 from ..labels import LabelError
 from .build import (
     SKIPPED_NAME,
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="audioset-dcls build-shards",
         description="Build log-mel WebDataset shards (+ manifest, sizes.json, skipped.csv) from AudioSet "
-                    "segment CSVs and a folder of downloaded audio, from lists of labelled files (--list) or "
+                    "segment CSVs and a folder of downloaded audio, from AudioSet containers (--hdf5, --parquet, --wds-audio), from lists of labelled files (--list) or "
                     "from one folder per class (--class-folders).",
     )
     p.add_argument("--segments", nargs="+", type=Path, metavar="CSV",
@@ -65,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, metavar="CSV",
                    help="class_labels_indices.csv (default: AudioSet's 527 classes, shipped with the package)")
     p.add_argument("--audio-dir", type=Path, metavar="DIR", help="folder of audio files (searched recursively)")
+    p.add_argument("--hdf5", nargs="+", metavar="FILE_OR_GLOB",
+                   help="AudioSet as PANNs / DCLS-Audio HDF5 files (audio_name, waveform, target); files, folders "
+                        "or globs. With --segments: their times, labels and coverage")
+    p.add_argument("--parquet", nargs="+", metavar="FILE_OR_DIR_OR_GLOB",
+                   help="AudioSet as Hugging Face parquet (agkphysics/AudioSet: video_id, audio, labels)")
+    p.add_argument("--wds-audio", nargs="+", metavar="TAR_OR_GLOB",
+                   help="AudioSet as audio WebDataset tars (one audio member + .json per sample; brace patterns "
+                        "like a-{000..009}.tar work)")
+    p.add_argument("--label-field", default="labels", metavar="FIELD",
+                   help="--wds-audio: the .json field with the labels (mids or names; list or ';'-separated)")
     p.add_argument("--list", dest="lists", nargs="+", type=Path, metavar="CSV",
                    help="your own labelled audio: CSV(s) with a header path,labels[,start,end]; labels separated "
                         "by ';'; paths relative to the CSV's folder; start/end (s) cut a clip from a longer file")
@@ -109,12 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{manifest['num_skipped']} clip(s) left out (see {args.out / SKIPPED_NAME}); "
                   f"manifest: {args.out / MANIFEST_NAME}")
             return 0
-        needed = ("segments", "audio_dir", "split") if not (args.lists or args.class_folders) else ("split",)
+        own = args.lists or args.class_folders or args.hdf5 or args.parquet or args.wds_audio
+        needed = ("segments", "audio_dir", "split") if not own else ("split",)
         missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
         if missing:
             parser.error(f"missing {', '.join(missing)} (needed unless --merge)")
         opts = BuildOptions(
             segments=tuple(args.segments or ()), labels=args.labels, audio_dir=args.audio_dir, out=args.out,
+            hdf5=tuple(args.hdf5 or ()), parquet=tuple(args.parquet or ()), wds_audio=tuple(args.wds_audio or ()),
+            label_field=args.label_field,
             lists=tuple(args.lists or ()), class_folders=args.class_folders, classes=args.classes,
             split=args.split, workers=args.workers, shard_size=args.shard_size, part=args.part,
             seed=args.seed, shuffle=not args.no_shuffle, pattern=args.pattern,
@@ -123,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         keep_freed_memory()  # this process unpickles and writes every sample (or, with --workers 0, makes them)
         result = build_shards(opts)
-    except (BuildError, LabelError, FileNotFoundError, ValueError) as err:
+    except (BuildError, LabelError, MissingExtra, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_summary(result, opts))

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -45,7 +45,9 @@ class BuildOptions:
     """Everything one build run needs. ``part`` is ``(i, N)``; ``workers=0`` runs in-process.
 
     The inputs are one of: AudioSet ``segments`` + ``audio_dir`` (+ ``labels``, a
-    ``class_labels_indices.csv``; default: the one that ships with the package); ``lists`` (CSVs of
+    ``class_labels_indices.csv``; default: the one that ships with the package); AudioSet
+    containers, one kind of ``hdf5`` / ``parquet`` / ``wds_audio`` (files, folders, globs or brace
+    patterns; optionally with ``segments`` for their times and coverage); ``lists`` (CSVs of
     ``path,labels[,start,end]``); ``class_folders`` (one sub-folder per class). ``classes`` fixes
     the class list of the last two (see ``sources``)."""
 
@@ -54,6 +56,10 @@ class BuildOptions:
     segments: tuple[Path, ...] = ()
     labels: Path | None = None
     audio_dir: Path | None = None
+    hdf5: tuple[str, ...] = ()
+    parquet: tuple[str, ...] = ()
+    wds_audio: tuple[str, ...] = ()
+    label_field: str = "labels"  # --wds-audio: the json field holding the labels
     lists: tuple[Path, ...] = ()
     class_folders: Path | None = None
     classes: Path | None = None
@@ -71,24 +77,38 @@ class BuildOptions:
     encoding: str = "uint8"  # how log-mels are stored: "uint8" (~75 kB per 10 s clip) or "float16" (~256 kB)
 
     @property
+    def containers(self) -> tuple[str, tuple[str, ...]] | None:
+        """``("hdf5" | "parquet" | "wds_audio", patterns)`` of a container build, else None."""
+        for kind in ("hdf5", "parquet", "wds_audio"):
+            if getattr(self, kind):
+                return kind, getattr(self, kind)
+        return None
+
+    @property
     def inputs(self) -> str:
         """The input files or folder, for messages."""
-        paths = self.lists or ((self.class_folders,) if self.class_folders else self.segments)
-        return ", ".join(map(str, paths))
+        return ", ".join(self.input_files())
 
     def input_files(self) -> list[str]:
         """What the plan records as the build's inputs."""
+        if self.containers:
+            return [str(p) for p in (*self.containers[1], *self.segments)]
         return [str(p) for p in (self.lists or ((self.class_folders,) if self.class_folders else self.segments))]
 
     def check(self) -> None:
-        kinds = [k for k, on in (("--segments", bool(self.segments)), ("--list", bool(self.lists)),
+        kinds = [k for k, on in (("--segments", bool(self.segments) and not self.containers),
+                                 ("--hdf5", bool(self.hdf5)), ("--parquet", bool(self.parquet)),
+                                 ("--wds-audio", bool(self.wds_audio)), ("--list", bool(self.lists)),
                                  ("--class-folders", self.class_folders is not None)) if on]
         if len(kinds) != 1:
-            raise BuildError(f"give one kind of input: --segments (AudioSet), --list or --class-folders, "
-                             f"not {' and '.join(kinds) or 'none'}")
-        if self.segments and self.audio_dir is None:
-            raise BuildError("--segments needs --audio-dir (the folder of downloaded clips)")
-        if self.classes is not None and self.segments:
+            raise BuildError(f"give one kind of input: --segments with --audio-dir, --hdf5, --parquet or "
+                             f"--wds-audio (AudioSet), --list or --class-folders, not {' and '.join(kinds) or 'none'}")
+        if self.containers and (self.audio_dir is not None or self.pattern):
+            raise BuildError(f"--{kinds[0].lstrip('-')} holds the audio: drop --audio-dir / --pattern")
+        if self.segments and not self.containers and self.audio_dir is None:
+            raise BuildError("--segments needs --audio-dir (the folder of downloaded clips), or a container "
+                             "(--hdf5, --parquet, --wds-audio)")
+        if self.classes is not None and (self.segments or self.containers):
             raise BuildError("--classes is for --list and --class-folders; AudioSet's classes come from --labels")
         if not _SPLIT_RE.fullmatch(self.split):
             raise BuildError(f"--split {self.split!r}: use letters, digits, '_' and '-' only")
@@ -101,9 +121,9 @@ class BuildOptions:
         i, n = self.part
         if not (n >= 1 and 0 <= i < n):
             raise BuildError(f"--part {i}/{n}: expected i/N with 0 <= i < N (e.g. 0/4 ... 3/4)")
-        if self.segments and not Path(self.audio_dir).is_dir():
+        if self.segments and not self.containers and not Path(self.audio_dir).is_dir():
             raise BuildError(f"{self.audio_dir}: audio folder does not exist")
-        if self.pattern and not self.segments:
+        if self.pattern and (not self.segments or self.containers):
             raise BuildError("--pattern is for --segments: lists and class folders name their files")
         if self.pattern:
             try:
@@ -117,12 +137,30 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def order_segments(segments: Sequence[Segment], seed: int, shuffle: bool) -> list[Segment]:
-    """The build order: a seeded permutation of the rows (or the rows as read)."""
+def order_segments(segments: Sequence[Segment], seed: int, shuffle: bool,
+                   block_of: Callable[[Segment], Hashable | None] | None = None) -> list[Segment]:
+    """The build order: a seeded permutation of the rows (or the rows as read).
+
+    ``block_of``: clips read together (a parquet row group; None: a clip on its own). Then the
+    blocks are permuted and each block's clips stay together, permuted among themselves, so a
+    worker reads a row group once rather than once per clip. With blocks of one clip this is
+    the plain permutation.
+    """
     if not shuffle:
         return list(segments)
-    perm = np.random.default_rng(seed).permutation(len(segments))
-    return [segments[i] for i in perm]
+    rng = np.random.default_rng(seed)
+    if block_of is None:
+        return [segments[i] for i in rng.permutation(len(segments))]
+    blocks: dict[Hashable, list[int]] = {}
+    for i, seg in enumerate(segments):
+        b = block_of(seg)
+        blocks.setdefault(("clip", i) if b is None else b, []).append(i)
+    members = list(blocks.values())
+    order = []
+    for b in rng.permutation(len(members)):
+        rows = members[b]
+        order += [segments[rows[j]] for j in (rng.permutation(len(rows)) if len(rows) > 1 else (0,))]
+    return order
 
 
 def part_shard_range(num_shards: int, part: int, parts: int) -> range:

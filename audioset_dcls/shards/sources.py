@@ -1,8 +1,9 @@
-"""Where a build's clips and labels come from: AudioSet segment lists and a folder of audio, a
-list of labelled files (``--list``), or one folder per class (``--class-folders``).
+"""Where a build's clips and labels come from: AudioSet segment lists and a folder of audio,
+AudioSet containers (``--hdf5``, ``--parquet``, ``--wds-audio``), a list of labelled files
+(``--list``), or one folder per class (``--class-folders``).
 
 ``read_clips`` gives the label set, the clips in input order and the input rows left out;
-``file_finder`` gives each clip's audio file. The rest of the builder (plan, workers, writer,
+``ref_finder`` gives where each clip's audio is (an ``audio.containers.ClipRef``). The rest of the builder (plan, workers, writer,
 manifest) sees only these, whatever the inputs were.
 
 Your own labelled audio (any label set, single- or multi-label):
@@ -21,6 +22,15 @@ not in ``--classes`` is an error naming the row (``--unknown-mids drop`` drops i
 instead). Names are stored as both the ``mids`` and the ``names`` of the manifest's label list,
 so checkpoints carry them. Each clip's id (its sample key without the start) is made from its
 path: letters, digits, ``_`` and ``-`` of the path as given, and 8 hex digits of its hash.
+
+AudioSet containers (see ``audioset_dcls.audio.containers`` for the layouts): every clip of the
+files, in file and row order, id = the YouTube id (start 0), labels from the container
+(HDF5 ``target`` columns in ``--labels`` order; parquet ``labels`` mids; the tar json's
+``--label-field``, mids or names). Rows that cannot be used are reported with a kind:
+``missing`` (no id / no audio member), ``no_labels`` (no label), ``unreadable`` (bad json),
+``label`` (unknown mid, with ``--unknown-mids drop``). With ``--segments`` too, the clips are
+those of the segment lists (their times, labels and keys, as a folder build gives), found in the
+containers by YouTube id; listed segments the containers lack are skipped as ``missing``.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ..audio.containers import ClipRef, ContainerClip, expand_inputs, iter_hdf5, iter_parquet, iter_wds_audio
 from ..labels import (
     AUDIO_EXTENSIONS,
     DroppedRow,
@@ -51,7 +62,7 @@ from ..labels import (
 from .format import MANIFEST_NAME
 from .plan import BuildError, BuildOptions
 
-__all__ = ["ClipList", "read_clips", "file_finder", "read_clip_lists", "read_class_folders", "read_class_names",
+__all__ = ["ClipList", "read_clips", "ref_finder", "file_finder", "container_clips", "read_clip_lists", "read_class_folders", "read_class_names",
            "clip_id"]
 
 LABEL_SEPARATOR = ";"
@@ -64,6 +75,8 @@ class ClipList:
     labels: LabelSet
     clips: list[Segment]
     dropped: list[DroppedRow] = field(default_factory=list)
+    refs: dict[str, ClipRef] | None = None  # containers: YouTube id -> where its audio is
+    unlisted: int = 0  # containers with --segments: container clips not in the segment lists
 
 
 def read_clips(opts: BuildOptions) -> ClipList:
@@ -77,10 +90,28 @@ def read_clips(opts: BuildOptions) -> ClipList:
         rows = read_clip_lists(opts.lists) if opts.lists else read_class_folders(opts.class_folders)
         return label_clips(rows, classes, opts.unknown_mids, inputs=opts.inputs)
     labels = read_label_set(opts.labels) if opts.labels is not None else audioset_label_set()
+    if opts.containers:
+        return container_clips(opts, labels)
     segs = read_segment_files(opts.segments, labels, unknown_mids=opts.unknown_mids)
     if len(segs) == 0:
         raise BuildError(f"no segments in {', '.join(map(str, opts.segments))}")
     return ClipList(labels, segs.segments, segs.dropped)
+
+
+def ref_finder(opts: BuildOptions, source: ClipList, clips: Sequence[Segment]) -> Callable[[Segment], ClipRef | None]:
+    """clip -> where its audio is, or None (not found: skipped as ``missing``)."""
+    if source.refs is not None:
+        refs = source.refs
+        return lambda seg: refs.get(seg.ytid)
+    find = file_finder(opts, clips)
+
+    def ref(seg: Segment) -> ClipRef | None:
+        path = find(seg)
+        if path is None:
+            return None
+        return ClipRef.file(path, seg.start, seg.end) if seg.path is not None else ClipRef.file(path)
+
+    return ref
 
 
 def file_finder(opts: BuildOptions, clips: Sequence[Segment]) -> Callable[[Segment], str | None]:
@@ -263,3 +294,96 @@ def label_clips(rows: Iterable[LabelledRow], classes: Sequence[str] | None, unkn
         raise BuildError(f"no labelled clips in {inputs}")
     return ClipList(labels, segs.segments, segs.dropped)
 
+
+
+# ------------------------------------------------------------------- AudioSet containers
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")  # what a sample key may hold (YouTube ids do)
+_CONTAINER_SUFFIXES = {"hdf5": (".h5", ".hdf5", ".hdf"), "parquet": (".parquet",), "wds_audio": (".tar",)}
+
+
+def _container_listing(opts: BuildOptions) -> Iterable[ContainerClip]:
+    """The clips of the build's container files, file after file, each in its stable order."""
+    kind, patterns = opts.containers
+    files = expand_inputs(patterns, _CONTAINER_SUFFIXES[kind], kind.replace("_", " "))
+    for path in files:
+        if kind == "hdf5":
+            yield from iter_hdf5(path)
+        elif kind == "parquet":
+            yield from iter_parquet(path)
+        else:
+            yield from iter_wds_audio(path, opts.label_field)
+
+
+def _name_index(labels: LabelSet) -> dict[str, int]:
+    """mid or display name -> class index (mids win where a name equals some mid)."""
+    index = {n: i for i, n in enumerate(labels.names)}
+    index.update(labels.index)
+    return index
+
+
+def _container_labels(c: ContainerClip, labels: LabelSet, index: dict[str, int], unknown: str,
+                      dropped: list[DroppedRow]) -> tuple[int, ...] | None:
+    """Class indices of a container clip, or None (the clip is reported in ``dropped``)."""
+    if c.meta.get("problem"):
+        dropped.append(DroppedRow(c.meta["problem_kind"], c.id, 0.0, None, c.where, f"{c.where}: {c.meta['problem']}, clip skipped"))
+        return None
+    if not c.id:
+        dropped.append(DroppedRow("missing", "", 0.0, None, c.where, f"{c.where}: empty clip name (no audio), skipped"))
+        return None
+    if not _SAFE_ID.fullmatch(c.id):
+        dropped.append(DroppedRow("unreadable", c.id, 0.0, None, c.where, f"{c.where}: clip id {c.id!r} has "
+                                  "characters other than letters, digits, '_' and '-' (not a sample key), skipped"))
+        return None
+    if c.ref.container == "hdf5":
+        if c.meta["num_classes"] != len(labels):
+            raise LabelError(f"{c.ref.path}: target has {c.meta['num_classes']} classes, the class list (--labels) "
+                             f"{len(labels)}; give the class_labels_indices.csv these files were packed with")
+        found = c.labels
+    else:
+        unknown_names = [n for n in c.labels if n not in index]
+        if unknown_names and unknown == "error":
+            raise LabelError(f"{c.where}: unknown label(s) {', '.join(map(repr, unknown_names))} (not in --labels); "
+                             "use --unknown-mids drop to skip them")
+        found = tuple(index[n] for n in c.labels if n in index)
+        if unknown_names:
+            what = "no known label left, clip skipped" if not found else "dropped"
+            dropped.append(DroppedRow("label", c.id, 0.0, None, c.where,
+                                      f"{c.where}: unknown label(s) {', '.join(unknown_names)}; {what}"))
+            if not found:
+                return None
+    if not found:
+        dropped.append(DroppedRow("no_labels", c.id, 0.0, None, c.where, f"{c.where}: no label (all-false "
+                                  "target or empty label list), clip skipped"))
+        return None
+    return tuple(sorted(set(found)))
+
+
+def container_clips(opts: BuildOptions, labels: LabelSet) -> ClipList:
+    """The clips of ``--hdf5`` / ``--parquet`` / ``--wds-audio`` (with ``--segments``: the listed
+    segments, found in the containers by YouTube id)."""
+    index = _name_index(labels)
+    dropped: list[DroppedRow] = []
+    refs: dict[str, ClipRef] = {}
+    clips: list[Segment] = []
+    for c in _container_listing(opts):
+        found = _container_labels(c, labels, index, opts.unknown_mids, dropped)
+        if found is None:
+            continue
+        if c.id in refs:
+            dropped.append(DroppedRow("duplicate", c.id, 0.0, None, c.where,
+                                      f"{c.id}: duplicate of {refs[c.id].describe()}, skipped"))
+            continue
+        refs[c.id] = c.ref
+        if not opts.segments:
+            clips.append(Segment(c.id, 0.0, None, tuple(labels.mids[i] for i in found), found, c.where))
+    if opts.segments:
+        segs = read_segment_files(opts.segments, labels, unknown_mids=opts.unknown_mids)
+        listed = {s.ytid for s in segs.segments}
+        unlisted = sum(1 for ytid in refs if ytid not in listed)
+        clips, dropped = segs.segments, dropped + segs.dropped
+    else:
+        unlisted = 0
+    if not clips:
+        raise BuildError(f"no usable clips in {opts.inputs}")
+    return ClipList(labels, clips, dropped, refs, unlisted)

@@ -16,14 +16,14 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from .. import features
-from ..audio.decode import AudioDecodeError, decode_mono, resample
+from ..audio.containers import ClipRef, MissingExtra, read_clip_mono
+from ..audio.decode import AudioDecodeError, resample
 from ..features import FeatureConfig
 from .format import LogmelEncoding, encode_logmel, encode_sample
 from .plan import BuildError
@@ -36,12 +36,16 @@ class ClipTask:
     """What a worker needs for one clip (small, so cheap to send)."""
 
     key: str
-    path: str | None  # None: no file found for this segment
+    ref: ClipRef | None  # where the audio is (a file, a cut of one, a container row); None: not found
     labels: tuple[int, ...]
     ytid: str
     start: float
     end: float | None
-    cut: bool = False  # start/end are times in the file: keep [start, end) (end None: to its end)
+
+    @property
+    def group(self) -> tuple[str, int] | None:
+        """Clips read at once (a parquet row group): sent to one worker together."""
+        return None if self.ref is None else self.ref.block
 
 
 @dataclass
@@ -52,11 +56,13 @@ class ClipResult:
     ``value_sum`` / ``value_sum_sq`` / ``num_values``: float64 sums over its stored values (as
     readers decode them); ``clipped``: values the encoding clipped to its range.
     Skip kinds: ``missing``, ``empty``, ``silent``, ``unreadable``; ``reason`` is one line.
+    ``rate``: the audio's own sample rate (0 for a skip).
     """
 
     kind: str
     path: str | None
     reason: str = ""
+    rate: int = 0
     sample: dict[str, Any] | None = None
     duration: float = 0.0
     value_sum: float = 0.0
@@ -71,33 +77,29 @@ def process_clip(task: ClipTask, cfg: FeatureConfig, encoding: LogmelEncoding = 
     Never raises for a bad file: returns a skip result with the reason instead. A bad clip is
     never turned into a zero-filled sample.
     """
-    if task.path is None:
-        return ClipResult("missing", None, "no audio file found for this segment")
-    path = Path(task.path)
+    if task.ref is None:
+        return ClipResult("missing", None, "no audio found for this segment")
+    where = task.ref.describe()
     try:
-        mono, sr = decode_mono(path)
-        if task.cut:
-            length = mono.shape[0] / sr
-            mono = mono[int(round(task.start * sr)): None if task.end is None else int(round(task.end * sr))]
-            if mono.size == 0:
-                return ClipResult("empty", task.path, f"{path}: no audio from {task.start:g} s on (the file is "
-                                                      f"{length:.2f} s long)")
+        mono, sr = read_clip_mono(task.ref)
         wave = resample(mono, sr, cfg.sample_rate)
         if not wave.any():
-            return ClipResult("silent", task.path, f"{path}: every sample is zero")
+            return ClipResult("silent", where, f"{where}: every sample is zero")
         duration = wave.shape[0] / cfg.sample_rate
         encoded = encode_logmel(features.compute_logmel(wave, cfg), encoding)  # (n_mels, T)
     except AudioDecodeError as err:  # missing, empty or unreadable: the front end says which
-        return ClipResult(err.kind, task.path, str(err))
+        return ClipResult(err.kind, where, str(err))
+    except MissingExtra:  # not the clip's fault: every clip would fail the same way
+        raise
     except Exception as err:  # a bad clip must never stop the run
         text = " ".join(str(err).split()) or type(err).__name__
-        return ClipResult("unreadable", task.path, f"{path}: {type(err).__name__}: {text}")
+        return ClipResult("unreadable", where, f"{where}: {type(err).__name__}: {text}")
     values = encoded.values.double().view(-1)
     end = task.end if task.end is not None else round(task.start + mono.shape[0] / sr, 6)
-    meta = {"ytid": task.ytid, "start": task.start, "end": end, "source": str(path),
+    meta = {"ytid": task.ytid, "start": task.start, "end": end, "source": where,
             "duration": round(duration, 6)}
     return ClipResult(
-        "ok", task.path, sample=encode_sample(task.key, encoded, task.labels, meta),
+        "ok", where, rate=sr, sample=encode_sample(task.key, encoded, task.labels, meta),
         duration=duration, value_sum=float(values.sum()), value_sum_sq=float(torch.dot(values, values)),
         num_values=values.numel(), clipped=encoded.clipped,
     )
@@ -187,13 +189,20 @@ def run_clips(tasks: Iterable[ClipTask], cfg: FeatureConfig, workers: int, clips
                 fut.cancel()
 
 
-def _batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
+# Most clips of one row group sent to one worker at once (a Hugging Face row group holds 100).
+MAX_GROUP_BATCH = 256
+
+
+def _batched(tasks: Iterable[ClipTask], n: int) -> Iterator[list[ClipTask]]:
+    """Batches of ``n`` tasks; consecutive tasks of one ``group`` go in one batch (up to
+    MAX_GROUP_BATCH), so one worker reads that group once."""
+    batch: list[ClipTask] = []
+    for task in tasks:
+        if batch and (task.group != batch[-1].group or
+                      len(batch) >= (MAX_GROUP_BATCH if task.group is not None else n)):
             yield batch
             batch = []
+        batch.append(task)
     if batch:
         yield batch
 
