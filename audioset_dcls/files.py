@@ -18,17 +18,21 @@ from typing import IO, Any, Iterator
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "sha256_file"]
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+def _tmp_name(path: Path, hidden: bool = False) -> Path:
+    return path.with_name(f"{'.' if hidden else ''}{path.name}.{os.getpid()}.tmp")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, hidden: bool = False) -> Iterator[Path]:
     """Yield a temp path beside ``path`` for a writer that wants a file name (safetensors, torch);
-    on success the temp file replaces ``path``, on an exception it is removed."""
+    on success the temp file replaces ``path``, on an exception it is removed.
+
+    ``hidden=True`` starts the temp name with a dot, so that readers of a whole folder (a
+    pyarrow/pandas parquet dataset skips names starting with ``.`` or ``_``) never see the
+    leftover of a killed writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = _tmp_name(path, hidden)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -365,25 +365,43 @@ class Tagger:
         run_batch()
         yield from pop_done()
 
+    def embed(self, source: str | Path | np.ndarray | torch.Tensor, sample_rate: int | None = None, *,
+              per_window: bool = False) -> np.ndarray:
+        """The pooled pre-logit embedding of one file or array: (D,) float32, the mean over its
+        windows, or with ``per_window`` (W, D), one per window (the windows of :meth:`tag`)."""
+        result = self.tag(source, sample_rate, embeddings=True)
+        assert result.window_embeddings is not None and result.embedding is not None
+        return result.window_embeddings if per_window else result.embedding
+
     def _finish(self, job: _Job) -> TagResult | TagFailure:
         if job.error is not None:
             return TagFailure(job.source, job.error, job.error_kind)
+        win_emb = np.stack(job.embeddings) if job.embeddings and job.embeddings[0] is not None else None
+        return self.make_result(job.source, np.asarray(job.window_starts, dtype=np.int64), np.stack(job.scores),
+                                job.num_samples, win_emb)
+
+    def make_result(self, source: str, starts: np.ndarray, window_scores: np.ndarray, num_samples: int,
+                    window_embeddings: np.ndarray | None = None) -> TagResult:
+        """A :class:`TagResult` from scored windows: ``starts`` (W,) start samples, ``window_scores``
+        (W, C), ``num_samples`` the input's length at the model rate, ``window_embeddings`` (W, D)
+        or None; clip scores aggregated as this tagger does (for callers that score windows
+        themselves, such as the archive job)."""
         sr = self.features.sample_rate
         clip = self.features.clip_samples
-        starts = np.asarray(job.window_starts, dtype=np.int64)
-        window_scores = np.stack(job.scores).astype(np.float32)  # (W, C)
+        starts = np.asarray(starts, dtype=np.int64)
+        window_scores = np.asarray(window_scores).astype(np.float32)  # (W, C)
         scores = window_scores.max(0) if self.aggregate == "max" else window_scores.mean(0)
-        win_emb = np.stack(job.embeddings).astype(np.float32) if job.embeddings and job.embeddings[0] is not None else None
+        win_emb = None if window_embeddings is None else np.asarray(window_embeddings).astype(np.float32)
         warning = None
-        if job.num_samples < self.features.n_fft:
+        if num_samples < self.features.n_fft:
             # Less than one STFT window of signal: every frame is mostly padding.
-            warning = (f"only {job.num_samples} samples ({1000 * job.num_samples / sr:.1f} ms), less than one "
+            warning = (f"only {num_samples} samples ({1000 * num_samples / sr:.1f} ms), less than one "
                        f"{self.features.n_fft}-sample analysis window: its tags mean little")
         return TagResult(
-            source=job.source,
-            duration=job.num_samples / sr,
+            source=source,
+            duration=num_samples / sr,
             starts=starts / sr,
-            ends=np.minimum(starts + clip, job.num_samples) / sr,
+            ends=np.minimum(starts + clip, num_samples) / sr,
             window_scores=window_scores,
             scores=scores,
             aggregate=self.aggregate,
