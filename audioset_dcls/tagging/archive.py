@@ -26,21 +26,25 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed
+from tqdm import tqdm
 
 from ..files import sha256_file, write_json
+from ..hub.pretrained import DEFAULT_MODEL, fetch_pretrained
 from ..preemption import EXIT_PREEMPTED, StopSignals, ignore_stop_signals, parse_stop_signals
 from .archive_inputs import ArchiveInput, InputDataset, iter_decoded, list_inputs
-from .archive_parquet import SettingsMismatch, check_settings, chunk_done, require_pyarrow, write_chunk
+from .archive_parquet import SettingsMismatch, check_settings, chunk_done, ids_digest, require_pyarrow, write_chunk
 from .tagger import TagResult, Tagger
 
 __all__ = ["ArchiveOptions", "tag_archive", "chunks_of_process", "process_index", "main"]
@@ -107,8 +111,6 @@ def load_tagger(checkpoint: str | Path | None, model: str | None, options: Archi
                 ) -> tuple[Tagger, Path]:
     """The tagger on this process's device (cuda:LOCAL_RANK when CUDA is there and ``device`` is
     auto), channels_last on CUDA, ``forward_features`` compiled with ``compile``; and its file."""
-    from ..hub.pretrained import DEFAULT_MODEL, fetch_pretrained
-
     path = Path(checkpoint) if checkpoint is not None else fetch_pretrained(model or DEFAULT_MODEL)
     device = options.device
     if device == "auto":
@@ -126,8 +128,6 @@ def load_tagger(checkpoint: str | Path | None, model: str | None, options: Archi
 def job_settings(tagger: Tagger, path: Path, options: ArchiveOptions, items: Sequence[ArchiveInput]
                  ) -> dict[str, Any]:
     """What an output folder is made of: the model (its file's SHA-256), labels, options, inputs."""
-    from .archive_parquet import ids_digest
-
     return {"format": FORMAT,
             "model": {"name": tagger.info.model_name, "sha256": sha256_file(path), "num_classes": tagger.info.num_classes,
                       "task": tagger.info.task, "labels": tagger.labels},
@@ -308,8 +308,6 @@ class _Run:
 
     def run(self, work: list[tuple[int, list[ArchiveInput]]], signals: StopSignals) -> None:
         """``work``: (chunk, its inputs) in order. Stops at the next file once a signal came."""
-        from tqdm import tqdm  # here: the library import stays light for notebooks that only list inputs
-
         flat = [(k, item) for k, items in work for item in items]
         for k, items in work:
             self.chunks[k] = _Chunk([i.id for i in items])
@@ -433,7 +431,7 @@ def tag_archive(inputs: Sequence[str], out: str | Path, *, checkpoint: str | Pat
 def write_summary(out: Path, items_count: int, chunk_size: int) -> dict[str, Any]:
     """``summary.json`` from the parts' metadata (totals over every chunk done so far) and the
     processes' files (``ranks/``)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional dependency (the archive extra): imported where it is needed
 
     chunks = -(-items_count // chunk_size)
     total: dict[str, Any] = {"inputs": 0, "tagged": 0, "failed": 0, "audio_seconds": 0.0, "failures_by_kind": {}}
@@ -462,12 +460,9 @@ def write_summary(out: Path, items_count: int, chunk_size: int) -> dict[str, Any
 def _barrier() -> bool:
     """Wait for the other ranks of this launch (gloo; none when launched alone). True when this
     process then writes the summary (the launch's rank 0)."""
-    import datetime
-
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return True
-    import torch.distributed as dist
-
+    dist = torch.distributed
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     dist.barrier()

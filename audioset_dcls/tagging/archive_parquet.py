@@ -44,7 +44,7 @@ SETTINGS_KEY = b"audioset_dcls.settings"
 
 def require_pyarrow() -> Any:
     """The pyarrow module, or RuntimeError with one line naming the extra that installs it."""
-    try:
+    try:  # optional dependency (the archive extra): imported where it is needed
         import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError:
@@ -130,7 +130,7 @@ def _half_list(values: list[np.ndarray]) -> Any:
 
 def _write(rows: list[dict[str, Any]], schema: Any, path: Path, meta: dict[bytes, bytes]) -> None:
     pa = require_pyarrow()
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional dependency (the archive extra): imported where it is needed
 
     table = pa.Table.from_pydict(_columns(rows, schema), schema=schema.with_metadata(meta))
     with atomic_path(path, hidden=True) as tmp:
@@ -151,7 +151,7 @@ def write_chunk(out: Path, chunk: int, ids: Sequence[str], results: list[dict[st
 
 def read_chunk_meta(path: Path) -> dict[str, Any] | None:
     """The chunk metadata of a part that reads back whole (every column), else None."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional dependency (the archive extra): imported where it is needed
 
     try:
         table = pq.read_table(path)
