@@ -74,9 +74,9 @@ def timed(cmd: list[str]) -> tuple[float, dict]:
     wrapper = ("import resource, runpy, sys, json; sys.argv = sys.argv[1:]; code = 0\n"
                "try:\n    (runpy.run_path if sys.argv[0].endswith('.py') else runpy.run_module)(sys.argv[0], run_name='__main__')\n"
                "except SystemExit as e:\n    code = e.code or 0\n"
-               "r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-               "c = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-               "print(json.dumps({'main_mb': r, 'child_mb': c, 'rc': code}), file=sys.stderr)")
+               "s, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+               "print(json.dumps({'main_mb': s.ru_maxrss / 1024, 'child_mb': ch.ru_maxrss / 1024, 'rc': code,\n"
+               "                  'cpu_s': s.ru_utime + s.ru_stime + ch.ru_utime + ch.ru_stime}), file=sys.stderr)")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -87,17 +87,71 @@ def timed(cmd: list[str]) -> tuple[float, dict]:
     return wall, info
 
 
-def decode_rate(paths: list[Path], sample_rate: int = 32000) -> tuple[float, float]:
-    """Files/s and windows/s of decode_input (decode, downmix, resample, window) in this process."""
+def decode_rate(paths: list[Path], sample_rate: int = 32000) -> str:
+    """decode_input (decode, downmix, resample, window) in this process: files/s of wall time and
+    of CPU time (the steadier figure on a shared machine: what one worker gives on a core of its
+    own), and the CPU ms per file by format."""
     from audioset_dcls.tagging.archive_inputs import ArchiveInput, decode_input
 
-    t = time.perf_counter()
-    windows = 0
+    cpu: dict[str, list[float]] = {}
+    t, c0 = time.perf_counter(), time.process_time()
     for p in paths:
-        d = decode_input(ArchiveInput(p.name, str(p)), sample_rate, 10 * sample_rate, 10 * sample_rate)
-        windows += d["windows"].shape[0]
-    dt = time.perf_counter() - t
-    return len(paths) / dt, windows / dt
+        c = time.process_time()
+        decode_input(ArchiveInput(p.name, str(p)), sample_rate, 10 * sample_rate, 10 * sample_rate)
+        cpu.setdefault(p.suffix, []).append(time.process_time() - c)
+    wall, total = time.perf_counter() - t, time.process_time() - c0
+    by_format = ", ".join(f"{k} {1000 * np.mean(v):.1f}" for k, v in sorted(cpu.items()))
+    return (f"decode alone, 1 process, {len(paths)} files: {len(paths) / wall:.1f} files/s wall, "
+            f"{len(paths) / total:.1f} files/s of CPU time ({1000 * total / len(paths):.1f} CPU ms per 10 s file; "
+            f"by format: {by_format})")
+
+
+def compare(folder: Path, ckpt: Path, n: int, batch_size: int, repeats: int, data: Path) -> None:
+    """infer.py and the job (1 worker) in turns, ``repeats`` times each: load changes hit both."""
+    common = ["--checkpoint", str(ckpt), "--batch-size", str(batch_size), "--threads", "1", "-q"]
+    old, new = [], []
+    for _ in range(repeats):
+        old.append(timed([str(REPO / "infer.py"), str(folder), "--format", "jsonl", "--output", os.devnull, *common]))
+        out = data / "out_job"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        wall, info = timed(["audioset_dcls.tagging.archive", str(folder), "--out", str(out), "--workers", "1",
+                            "--chunk-size", "100", *common])
+        info["inner_s"] = json.loads((out / "ranks" / "part0-rank0.json").read_text())["wall_seconds"]
+        new.append((wall, info))
+    for name, runs in (("infer.py", old), ("archive job, 1 worker", new)):
+        for wall, info in runs:
+            inner = f", {n / info['inner_s']:.2f} files/s after start-up" if "inner_s" in info else ""
+            print(f"{name:22s} {wall:7.1f} s wall, {n / wall:6.2f} files/s{inner}; CPU {info['cpu_s']:.1f} s; "
+                  f"peak RSS {info['main_mb']:.0f} MB" + (f" + worker {info['child_mb']:.0f} MB" if inner else ""))
+    ratio = [o[0] / w[0] for o, w in zip(old, new)]
+    print(f"ratio job / infer.py (files/s, wall incl. start-up), per turn: {', '.join(f'{r:.2f}x' for r in ratio)}; "
+          f"best-of: {min(o[0] for o in old) / min(w[0] for w in new):.2f}x")
+
+
+def rss_trace(folder: Path, ckpt: Path, out: Path, chunk_size: int) -> None:
+    """The job in this process over ``folder``: RSS and peak RSS (VmHWM) after each chunk is
+    written, to see whether memory grows with the number of files done."""
+    import re
+
+    from audioset_dcls.tagging import archive
+
+    def mb(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
+
+    trace = []
+    write = archive._Run.write
+
+    def traced(self, k, chunk):  # the job's own chunk writer, plus a memory reading
+        write(self, k, chunk)
+        trace.append(f"{self.stats.inputs}: {mb('VmRSS')}/{mb('VmHWM')}")
+
+    archive._Run.write = traced
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    opts = archive.ArchiveOptions(chunk_size=chunk_size, workers=1, threads=1, progress=False, all_scores=True,
+                                  embeddings="clip")
+    archive.tag_archive([str(folder)], out, checkpoint=ckpt, options=opts)
+    archive._Run.write = write
+    print("RSS/peak MB of the main process after N files: " + ", ".join(trace))
 
 
 def main() -> None:
@@ -108,7 +162,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "audioset_dcls_archive_bench")
     p.add_argument("--rss-files", default="", help="comma-separated file counts for the peak-RSS runs (e.g. 100,500)")
     p.add_argument("--rss-model", default="convnext_atto_dcls")
+    p.add_argument("--repeats", type=int, default=1, help="turns of infer.py and the job")
     p.add_argument("--skip-compare", action="store_true")
+    p.add_argument("--trace", action="store_true", help="RSS after each tenth of the --files files (in this process)")
     args = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -122,22 +178,13 @@ def main() -> None:
         folder.mkdir(parents=True)
         for path in paths:
             (folder / path.name).symlink_to(path)
-    fps, wps = decode_rate(paths[: min(len(paths), 200)])
-    print(f"decode alone, 1 process: {fps:.1f} files/s, {wps:.1f} windows/s "
-          f"({1000 / fps:.1f} ms per 10 s file, mixed formats)")
+    print(decode_rate(paths[: min(len(paths), 200)]))
     ckpt = make_checkpoint(args.data / f"{args.model}.safetensors", args.model)
     if not args.skip_compare:
-        common = ["--checkpoint", str(ckpt), "--batch-size", str(args.batch_size), "--threads", "1", "-q"]
-        t_old, r_old = timed([str(REPO / "infer.py"), str(folder), "--format", "jsonl", "--output", os.devnull, *common])
-        out = args.data / "out_job"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        t_new, r_new = timed(["audioset_dcls.tagging.archive", str(folder), "--out", str(out), "--workers", "1",
-                              "--chunk-size", "100", *common])
-        n = args.files
-        print(f"infer.py:      {t_old:7.1f} s, {n / t_old:6.2f} files/s, peak RSS {r_old['main_mb']:.0f} MB")
-        print(f"archive job:   {t_new:7.1f} s, {n / t_new:6.2f} files/s, peak RSS main {r_new['main_mb']:.0f} MB, "
-              f"worker {r_new['child_mb']:.0f} MB")
-        print(f"ratio job / infer.py (files/s): {t_old / t_new:.2f}x (wall includes start-up and model load)")
+        compare(folder, ckpt, args.files, args.batch_size, args.repeats, args.data)
+    if args.trace:
+        small = make_checkpoint(args.data / f"{args.rss_model}.safetensors", args.rss_model)
+        rss_trace(folder, small, args.data / "out_trace", max(1, args.files // 10))
     for count in [int(c) for c in args.rss_files.split(",") if c]:
         sub = args.data / f"rss_{count}"
         if not sub.is_dir():

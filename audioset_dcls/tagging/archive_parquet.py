@@ -153,8 +153,10 @@ def read_chunk_meta(path: Path) -> dict[str, Any] | None:
     """The chunk metadata of a part that reads back whole (every column), else None."""
     import pyarrow.parquet as pq  # optional dependency (the archive extra): imported where it is needed
 
-    try:
-        table = pq.read_table(path)
+    if not path.is_file():
+        return None
+    try:  # ParquetFile, not read_table: that one imports pyarrow.dataset (seconds of start-up)
+        table = pq.ParquetFile(path).read()
         meta = json.loads((table.schema.metadata or {})[META_KEY])
     except Exception:  # truncated, corrupt or foreign: the chunk is redone
         return None
