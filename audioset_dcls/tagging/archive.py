@@ -41,11 +41,13 @@ import torch.distributed
 from tqdm import tqdm
 
 from ..files import sha256_file, write_json
-from ..hub.pretrained import DEFAULT_MODEL, fetch_pretrained
+from ..hub.published import DEFAULT_MODEL
+from ..hub.references import resolve_reference
 from ..preemption import EXIT_PREEMPTED, StopSignals, ignore_stop_signals, parse_stop_signals
 from .archive_inputs import ArchiveInput, InputDataset, iter_decoded, list_inputs
 from .archive_parquet import SettingsMismatch, check_settings, chunk_done, ids_digest, require_pyarrow, write_chunk
-from .tagger import TagResult, Tagger
+from .results import TagResult
+from .tagger import Tagger
 
 __all__ = ["ArchiveOptions", "tag_archive", "chunks_of_process", "process_index", "main"]
 
@@ -111,7 +113,9 @@ def load_tagger(checkpoint: str | Path | None, model: str | None, options: Archi
                 ) -> tuple[Tagger, Path]:
     """The tagger on this process's device (cuda:LOCAL_RANK when CUDA is there and ``device`` is
     auto), channels_last on CUDA, ``forward_features`` compiled with ``compile``; and its file."""
-    path = Path(checkpoint) if checkpoint is not None else fetch_pretrained(model or DEFAULT_MODEL)
+    # Any checkpoint reference (a file, a finished run folder, a published name: hub.references);
+    # each rank resolves it (a published name is fetched under the cache's lock).
+    path = resolve_reference(checkpoint if checkpoint is not None else model or DEFAULT_MODEL, need="inference").path
     device = options.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -489,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder (recursive), audio file, @list.txt (a path per line) or @list.csv (a path column)")
     p.add_argument("--out", type=Path, required=True, help="output folder (rerun the same command to resume)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", type=Path, help="inference checkpoint (.safetensors)")
-    which.add_argument("--model", default=None, metavar="NAME", help="published model (default: convnext_tiny_dcls)")
+    which.add_argument("--checkpoint", metavar="CHECKPOINT",
+                       help="your model: a .safetensors inference checkpoint, a finished run folder or a published name")
+    which.add_argument("--model", default=None, metavar="NAME", help=f"published model (default: {DEFAULT_MODEL})")
     d = ArchiveOptions()
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"labels kept per input (default: {d.top_k})")
     p.add_argument("--all-scores", action="store_true", help="also every class's score (column scores, float16)")

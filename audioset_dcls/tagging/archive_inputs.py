@@ -10,7 +10,7 @@ archive job scores the same windows as the tagger.
 
 Where inputs come from (:func:`list_inputs`):
 
-* a folder: searched recursively for audio extensions (``tagger.expand_inputs``); id = the path
+* a folder: searched recursively for audio extensions (``tagging.inputs.expand_inputs``); id = the path
   relative to the folder (``/`` separated);
 * ``@list.txt``: one path per line (blank lines and ``#`` comments skipped);
   ``@list.csv``: a ``path`` (or ``file``/``filename``) column, else the first column, and an
@@ -44,7 +44,8 @@ import torch
 from ..audio.decode import AudioDecodeError, error_line
 from ..audio.stream import stream_audio
 from ..files import sha256_file
-from .tagger import SlidingWindows, expand_inputs
+from .inputs import expand_inputs
+from .windows import SlidingWindows
 
 __all__ = ["ArchiveInput", "list_inputs", "READERS", "decode_input", "InputDataset"]
 
