@@ -260,3 +260,37 @@ def test_an_output_folder_of_another_model_or_options_is_refused(one_process, ch
     write_audio(copy / "new.wav", 2.0, 32000)
     proc = run_job(checkpoint, copy, one_process, "--chunk-size", "3", "--workers", "0")
     assert proc.returncode == 2 and "inputs.count 14 -> 15" in proc.stderr
+
+
+def test_hdf5_clips_are_inputs_with_their_youtube_ids(checkpoint, audio_dir, tmp_path):
+    """A PANNs HDF5 file (int16 at 32 kHz) beside a folder: one input per row, id = YouTube id,
+    scores and embeddings those of Tagger.tag on the same samples; a row of NaN is a failure."""
+    h5py = pytest.importorskip("h5py")
+    from audioset_dcls.tagging.archive import ArchiveOptions, tag_archive
+
+    rng = np.random.default_rng(0)
+    waves = (rng.standard_normal((3, 32000 * 10)) * 3000).astype(np.float32)
+    waves[2, 5] = np.nan  # a broken row: NaN samples
+    names = [b"Y--PJHxphWEs.wav", b"Y0123456789a.wav", b"Ybroken_row1.wav"]
+    with h5py.File(tmp_path / "balanced.h5", "w") as f:
+        f.create_dataset("audio_name", data=np.array(names, dtype="S20"))
+        f.create_dataset("waveform", data=waves)
+        f.create_dataset("target", data=np.zeros((3, 527), bool))
+        f.attrs.create("sample_rate", data=32000, dtype=np.int32)
+    single = tmp_path / "one"
+    single.mkdir()
+    shutil.copy(audio_dir / "mono32k.wav", single / "mono32k.wav")
+    opts = ArchiveOptions(workers=1, embeddings="clip", all_scores=True, progress=False, chunk_size=2)
+    stats = tag_archive([str(single)], tmp_path / "out", checkpoint=checkpoint, options=opts,
+                        containers={"hdf5": [str(tmp_path / "balanced.h5")]})
+    assert stats["job"]["complete"] and stats["inputs"] == 4
+    tags, fails = read(tmp_path / "out")
+    assert list(tags["id"]) == ["--PJHxphWEs", "0123456789a", "mono32k.wav"]
+    assert list(fails["id"]) == ["broken_row1"] and list(fails["kind"]) == ["unreadable"]
+    assert tags.set_index("id").loc["--PJHxphWEs", "path"].endswith("balanced.h5:row 0")
+    tagger = Tagger.from_checkpoint(checkpoint, device="cpu")
+    for i in range(2):
+        result = tagger.tag(waves[i], sample_rate=32000, embeddings=True)
+        row = tags.iloc[i]
+        np.testing.assert_allclose(row["embedding"], result.embedding, atol=1e-5)
+        np.testing.assert_allclose(row["scores"].astype(np.float32), result.scores, atol=1e-3, rtol=1e-3)

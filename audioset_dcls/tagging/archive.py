@@ -401,9 +401,10 @@ def pending_work(items: Sequence[ArchiveInput], out: Path, chunk_size: int, proc
 
 
 def tag_archive(inputs: Sequence[str], out: str | Path, *, checkpoint: str | Path | None = None,
-                model: str | None = None, part: tuple[int, int] = (0, 1),
-                options: ArchiveOptions | None = None) -> dict[str, Any]:
-    """Tag (and embed) ``inputs`` into the output folder ``out``: this process's share of the job
+                model: str | None = None, part: tuple[int, int] = (0, 1), options: ArchiveOptions | None = None,
+                containers: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """Tag (and embed) ``inputs`` (and the clips of ``containers``: ``{"hdf5" | "parquet" |
+    "wds_audio": file patterns}``) into the output folder ``out``: this process's share of the job
     (all of it when launched alone). Returns this process's stats (``RankStats.to_dict``);
     ``stopped_by`` names the signal when one stopped it; the launch's rank 0 waits for the others
     and adds ``job``, the ``summary.json`` it writes. Raises SettingsMismatch, ValueError,
@@ -412,7 +413,7 @@ def tag_archive(inputs: Sequence[str], out: str | Path, *, checkpoint: str | Pat
     require_pyarrow()
     out = Path(out)
     process, processes, local_rank = process_index(part)
-    items = list_inputs(inputs)
+    items = list_inputs(inputs, containers)
     tagger, path = load_tagger(checkpoint, model, options, local_rank)
     settings = job_settings(tagger, path, options, items)
     check_settings(out, settings)
@@ -489,8 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m audioset_dcls.tagging.archive @files.csv --out tags/ --part $SLURM_ARRAY_TASK_ID/100\n"
                "Read back: pandas.read_parquet('tags/tags'), pandas.read_parquet('tags/failures').",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="folder (recursive), audio file, @list.txt (a path per line) or @list.csv (a path column)")
+    p.add_argument("--hdf5", nargs="+", default=[], metavar="FILE_OR_GLOB", help="PANNs HDF5 waveform files")
+    p.add_argument("--parquet", nargs="+", default=[], metavar="FILE_OR_DIR_OR_GLOB",
+                   help="Hugging Face AudioSet parquet files (video_id, audio)")
+    p.add_argument("--wds-audio", nargs="+", default=[], metavar="TAR_OR_GLOB", help="audio WebDataset tars")
     p.add_argument("--out", type=Path, required=True, help="output folder (rerun the same command to resume)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", metavar="CHECKPOINT",
@@ -550,13 +555,17 @@ def _summary_line(stats: dict[str, Any], summary: dict[str, Any] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the job; 0 when this process's share is done (failed inputs are in the failures table),
     75 when a stop signal ended it early (rerun to resume), 2 when it cannot run (one line)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    containers = {"hdf5": args.hdf5, "parquet": args.parquet, "wds_audio": args.wds_audio}
+    if not args.inputs and not any(containers.values()):
+        parser.error("give at least one INPUT (folder, file, @list) or --hdf5 / --parquet / --wds-audio")
     try:
         i, n = (int(x) for x in args.part.split("/"))
         options = _options(args)
         stats = tag_archive(args.inputs, args.out, checkpoint=args.checkpoint, model=args.model, part=(i, n),
-                            options=options)
-    except (SettingsMismatch, ValueError, OSError, RuntimeError) as err:
+                            options=options, containers=containers)
+    except (SettingsMismatch, ValueError, OSError, RuntimeError, ImportError) as err:  # ImportError: a missing extra
         print(f"error: {err}", file=sys.stderr)
         return 2
     if stats["stopped_by"]:
