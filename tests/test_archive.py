@@ -30,7 +30,7 @@ from audioset_dcls.tagging.tagger import Tagger  # noqa: E402
 from helpers_tagging import LABEL_NAMES, write_audio, write_checkpoint, write_variants  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIONS = ["--hop", "5", "--top-k", "3", "--all-scores", "--per-window", "--events", "--embeddings", "window",
+OPTIONS = ["--hop", "5", "--top-k", "3", "--all-scores", "--per-window", "--events", "--window-embeddings",
            "--sha256", "--batch-size", "4", "-q"]
 BROKEN = {"broken.flac": "unreadable", "empty.wav": "empty", "dangling.wav": "missing"}
 

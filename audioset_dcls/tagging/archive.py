@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "nodes (torchrun / accelerate launch) and SLURM array tasks (--part), each input once.",
         epilog="Examples:\n"
                "  python -m audioset_dcls.tagging.archive --checkpoint model.safetensors clips/ --out tags/\n"
-               "  torchrun --nproc_per_node 8 -m audioset_dcls.tagging.archive clips/ --out tags/ --embeddings clip\n"
+               "  torchrun --nproc_per_node 8 -m audioset_dcls.tagging.archive clips/ --out tags/ --embeddings\n"
                "  python -m audioset_dcls.tagging.archive @files.csv --out tags/ --part $SLURM_ARRAY_TASK_ID/100\n"
                "Read back: pandas.read_parquet('tags/tags'), pandas.read_parquet('tags/failures').",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -508,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", action="store_true", help="also sound events (tagging.events)")
     p.add_argument("--event-threshold", default=None, metavar="T|auto",
                    help="events' threshold (default: calibrated per class when the checkpoint has them, else 0.5)")
-    p.add_argument("--embeddings", nargs="?", const="clip", choices=("clip", "window"), default=None,
-                   help="also the pooled pre-logit embedding per input (clip), and per window (window)")
+    p.add_argument("--embeddings", action="store_true", help="also the pooled pre-logit embedding of each input")
+    p.add_argument("--window-embeddings", action="store_true", help="also one embedding per window (implies --embeddings)")
     p.add_argument("--sha256", action="store_true", help="also each input file's SHA-256")
     p.add_argument("--hop", type=float, default=None, help="seconds between 10 s windows (default: 10)")
     p.add_argument("--aggregate", choices=("max", "mean"), default=None, help="clip score from window scores")
@@ -528,12 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part must be i/N (e.g. 3/100: task 3 of 100, counted from 0), got {text!r}") from None
+    return i, n
+
+
 def _options(args: argparse.Namespace) -> ArchiveOptions:
     threshold = args.event_threshold
     if threshold not in (None, "auto"):
         threshold = float(threshold)
     return ArchiveOptions(top_k=args.top_k, all_scores=args.all_scores, per_window=args.per_window, events=args.events,
-                          event_threshold=threshold, embeddings=args.embeddings, sha256=args.sha256,
+                          event_threshold=threshold, embeddings="window" if args.window_embeddings else "clip" if args.embeddings else None, sha256=args.sha256,
                           hop_seconds=args.hop, aggregate=args.aggregate, precision=args.precision,
                           chunk_size=args.chunk_size, batch_size=args.batch_size, workers=args.workers,
                           device=args.device, threads=args.threads, compile=args.compile,
@@ -561,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.inputs and not any(containers.values()):
         parser.error("give at least one INPUT (folder, file, @list) or --hdf5 / --parquet / --wds-audio")
     try:
-        i, n = (int(x) for x in args.part.split("/"))
+        i, n = _part(args.part)
         options = _options(args)
         stats = tag_archive(args.inputs, args.out, checkpoint=args.checkpoint, model=args.model, part=(i, n),
                             options=options, containers=containers)
