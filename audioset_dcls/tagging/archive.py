@@ -310,8 +310,9 @@ class _Run:
                                            worker_init_fn=ignore_stop_signals, prefetch_factor=4,
                                            pin_memory=False)
 
-    def run(self, work: list[tuple[int, list[ArchiveInput]]], signals: StopSignals) -> None:
-        """``work``: (chunk, its inputs) in order. Stops at the next file once a signal came."""
+    def run(self, work: list[tuple[int, list[ArchiveInput]]], signals: StopSignals) -> bool:
+        """``work``: (chunk, its inputs) in order. Stops at the next file once a signal came
+        (the chunks not written yet are abandoned). True when every chunk was written."""
         flat = [(k, item) for k, items in work for item in items]
         for k, items in work:
             self.chunks[k] = _Chunk([i.id for i in items])
@@ -322,12 +323,12 @@ class _Run:
         try:
             for (k, _), decoded in zip(flat, stream):
                 if signals.received:
-                    break
+                    return False
                 self.add(k, decoded)
                 self.drain()
-            else:
-                self.scorer.flush()
-                self.drain()
+            self.scorer.flush()
+            self.drain()
+            return True
         finally:
             del stream  # shuts the loader's workers down
             self.bar.close()
@@ -422,8 +423,8 @@ def tag_archive(inputs: Sequence[str], out: str | Path, *, checkpoint: str | Pat
     started = time.perf_counter()
     with StopSignals(parse_stop_signals(options.stop_signals)) as signals:
         run = _Run(tagger, out, options, settings, stats)
-        run.run(work, signals)
-        stats.stopped_by = signals.name
+        if not run.run(work, signals):
+            stats.stopped_by = signals.name
     stats.windows = run.scorer.windows
     stats.wall_seconds = time.perf_counter() - started
     result = stats.to_dict()
