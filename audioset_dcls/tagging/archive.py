@@ -1,5 +1,5 @@
 """Tag and embed a whole archive: many processes, GPUs and nodes, each input exactly once, resumable,
-parquet out (``python -m audioset_dcls.tagging.archive``; :func:`tag_archive` in a notebook).
+parquet out (``audioset-dcls tag-archive``; :func:`tag_archive` in a notebook; docs/archive.md).
 
 **Work split, with no coordinator.** The inputs (:func:`.archive_inputs.list_inputs`: a stable
 order, a stable id each) are cut into chunks of ``chunk_size``; chunk k belongs to process
@@ -482,7 +482,7 @@ def _barrier() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m audioset_dcls.tagging.archive",
+        prog="audioset-dcls tag-archive",
         description="Tag and embed a whole archive into parquet: resumable, split over processes, GPUs, "
                     "nodes (torchrun / accelerate launch) and SLURM array tasks (--part), each input once.",
         epilog="Examples:\n"
