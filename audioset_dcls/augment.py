@@ -147,8 +147,9 @@ def spec_masks(
 
 
 def augment_batch(
-    x: torch.Tensor, targets: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, pad_value: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, targets: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, pad_value: float = 0.0,
+    mix_also: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Apply every augmentation ``cfg`` switches on.
 
     Args:
@@ -156,9 +157,12 @@ def augment_batch(
         targets: (B, num_classes) multi-hot float.
         generator: the step's generator (on x's device, or the CPU).
         pad_value: normalised value of silence, used where time-stretching runs past the clip.
+        mix_also: (B, K) per-clip values that mixup mixes with the same lambda and partner as the
+            targets, and nothing else touches (the teacher's targets, distillation); draws no
+            randomness of its own, so a step's augmentation is the same with or without it.
 
     Returns:
-        (x, soft targets), same shapes.
+        (x, soft targets), same shapes; with ``mix_also``, (x, soft targets, mixed mix_also).
     """
     if cfg.time_stretch_prob > 0:
         x = time_stretch(x, cfg.time_stretch_prob, cfg.time_stretch_min, cfg.time_stretch_max, generator, pad_value)
@@ -168,5 +172,9 @@ def augment_batch(
         x = random_erase(x, cfg.erase_prob, generator)
     x = spec_masks(x, cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width, generator)
     targets = smooth_labels(targets, cfg.label_smoothing)
-    x, targets, _ = mixup(x, targets, cfg.mixup_alpha, generator)
-    return x, targets
+    x, targets, lam = mixup(x, targets, cfg.mixup_alpha, generator)
+    if mix_also is None:
+        return x, targets
+    if lam != 1.0:
+        mix_also = mix_also * lam + mix_also.flip(0) * (1.0 - lam)
+    return x, targets, mix_also

@@ -31,6 +31,7 @@ __all__ = [
     "AugmentConfig",
     "TrainConfig",
     "EvalConfig",
+    "DistillConfig",
     "Config",
     "ConfigError",
     "load_config",
@@ -141,6 +142,22 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a teacher's stored scores (docs/training.md#distillation):
+    loss = (1 - weight) * label loss + weight * distillation loss; off while ``teacher`` is empty."""
+
+    teacher: str = ""  # parquet file/folder (id + scores columns), or a .npy/.pt matrix in distill.hdf5 order
+    hdf5: str = ""  # comma-separated HDF5 files whose audio_name order the .npy/.pt rows follow
+    scores: str = "probabilities"  # what the teacher stores: "logits" or "probabilities" (sigmoid/softmax)
+    weight: float = 0.9  # lambda; 0.9 = EfficientAT's kd_lambda 0.1 on the label loss
+    temperature: float = 1.0  # teacher targets sigmoid(z / T) (multi-label) or softmax(z / T) with T^2 KL
+    id_column: str = "id"  # parquet column of clip ids (the shards' ytid)
+    scores_column: str = "scores"  # parquet column of per-class score lists
+    labels: str = ""  # class_labels_indices.csv of the teacher's class order (checked against the shards)
+    table_dir: str = ""  # where the memory-mapped table is built; "" = <train.output_dir>/teacher_table
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,6 +166,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> "Config":
         """Check value ranges that types cannot express; returns self."""
@@ -173,6 +191,9 @@ class Config:
             (self.train.task in ("auto", "multilabel", "singlelabel"), "train.task",
              "must be auto, multilabel or singlelabel"),
             (self.data.verify_shards in ("size", "sha256", "none"), "data.verify_shards", "must be size, sha256 or none"),
+            (self.distill.scores in ("logits", "probabilities"), "distill.scores", "must be logits or probabilities"),
+            (0 <= self.distill.weight <= 1, "distill.weight", "must be in [0, 1]"),
+            (self.distill.temperature > 0, "distill.temperature", "must be > 0"),
         ]
         for ok, key, why in checks:
             if not ok:

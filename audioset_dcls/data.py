@@ -54,6 +54,7 @@ from .shards.format import (
     read_manifest,
     rebuild_command,
 )
+from .teacher import TeacherTable
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,15 @@ def _balance_stage(weights: np.ndarray, power: float, seed: int, epoch: int, ran
     return stage
 
 
-def _decode_stage(features: FeatureConfig, norm: Normalization, num_classes: int, counter: CorruptCounter):
+def teacher_row(teacher: TeacherTable, key: str, meta: dict) -> np.ndarray | None:
+    """A sample's teacher scores (C,): by its JSON ``ytid`` (AudioSet's YouTube id, or the id the
+    builder gave an own-data clip), else by its sample key ``<ytid>_<start_ms>``; None if neither."""
+    row = teacher.row(str(meta["ytid"])) if meta.get("ytid") else None
+    return row if row is not None else teacher.row(key)
+
+
+def _decode_stage(features: FeatureConfig, norm: Normalization, num_classes: int, counter: CorruptCounter,
+                  teacher: TeacherTable | None = None):
     expected = (features.n_mels, features.num_frames)
 
     def stage(src):
@@ -256,21 +265,36 @@ def _decode_stage(features: FeatureConfig, norm: Normalization, num_classes: int
             x = norm.apply_(torch.from_numpy(s.logmel))[None]  # (1, M, T)
             y = torch.zeros(num_classes, dtype=torch.float32)
             y[s.labels] = 1.0
-            yield {"key": s.key, "x": x, "y": y}
+            out = {"key": s.key, "x": x, "y": y}
+            if teacher is not None:
+                out["t"] = teacher_row(teacher, s.key, s.meta)
+            yield out
 
     return stage
+
+
+def _collate_teacher(samples: list[dict]) -> dict:
+    """``teacher`` (B, C) float32 (zeros where a clip has no scores) and ``has_teacher`` (B,) bool."""
+    has = torch.tensor([s["t"] is not None for s in samples])
+    c = samples[0]["y"].shape[0]
+    t = torch.stack([torch.from_numpy(s["t"].astype(np.float32)) if s["t"] is not None else torch.zeros(c)
+                     for s in samples])
+    return {"teacher": t, "has_teacher": has}
 
 
 def _batch_stage(batch_size: int, partial: bool, counter: CorruptCounter):
     def collate(samples: list[dict]) -> dict:
         worker, _ = _worker()
-        return {
+        batch = {
             "x": torch.stack([s["x"] for s in samples]),
             "y": torch.stack([s["y"] for s in samples]),
             "keys": [s["key"] for s in samples],
             "worker": worker,
             "corrupt": counter.count,
         }
+        if "t" in samples[0]:
+            batch.update(_collate_teacher(samples))
+        return batch
 
     return wds.batched(batch_size, collation_fn=collate, partial=partial)
 
@@ -333,12 +357,13 @@ def labels_per_clip(shards: ShardSet) -> tuple[int, int]:
 
 def build_train_loader(
     shards: ShardSet, cfg: DataConfig, norm: Normalization, *, epoch: int, seed: int, rank: int, world_size: int,
-    accum: int, skip_batches: int = 0,
+    accum: int, skip_batches: int = 0, teacher: TeacherTable | None = None,
 ) -> tuple[Iterator[dict], int]:
     """Training batches of one epoch for this rank.
 
     Each batch is ``{"x": (B, 1, n_mels, T) float32, "y": (B, num_classes) float32, "keys": [B str],
-    "worker": int, "corrupt": int}``.
+    "worker": int, "corrupt": int}``; with a ``teacher`` table also ``"teacher"`` (B, num_classes)
+    float32, the stored scores (zeros where missing), and ``"has_teacher"`` (B,) bool.
 
     ``skip_batches``: batches of this epoch this rank already trained on (resume). The stream is
     replayed from the epoch start and the first ``skip_batches`` batches dropped, so the rest is
@@ -360,7 +385,7 @@ def build_train_loader(
         freq = count_labels(shards)
         stages.append(_balance_stage(1.0 / np.maximum(freq, 1.0), cfg.balance_power, seed, epoch, rank))
     stages += [
-        _decode_stage(shards.features, norm, shards.num_classes, counter),
+        _decode_stage(shards.features, norm, shards.num_classes, counter, teacher),
         _batch_stage(cfg.batch_size, partial=False, counter=counter),
         # The DataLoader takes batches from workers round-robin (worker i % w gives batch i):
         # every worker drops skip // w of its own, the main process the first skip % w.

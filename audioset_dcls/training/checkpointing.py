@@ -28,6 +28,7 @@ from ..hub.references import (
     resolve_reference,
     step_name,
 )
+from .distill import count_teacher_missing
 from .recipe import model_kwargs
 from .state import OutputError, TrainState
 
@@ -90,7 +91,8 @@ def resume_training(state: TrainState, path: Path | None) -> None:
 # reports, when it stops or checkpoints, and how the evaluation is batched.
 _RESUME_FREE = ("train.resume", "train.output_dir", "train.max_steps", "train.log_every_steps", "train.tracker",
                 "train.progress_bar", "train.checkpoint_every_steps", "train.keep_checkpoints",
-                "train.checkpoint_on_signal", "data.verify_shards", "eval.batch_size", "eval.num_workers")
+                "train.checkpoint_on_signal", "data.verify_shards", "eval.batch_size", "eval.num_workers",
+                "distill.table_dir")
 
 
 def changed_settings(saved_yaml: Path, cfg: Config) -> list[str]:
@@ -118,6 +120,7 @@ def save_checkpoint(state: TrainState) -> Path:
     removes the partial one and raises OutputError on every rank. The directory must be on a
     file system every process can write to (shared across nodes). Every rank must call it."""
     acc, cfg = state.accelerator, state.cfg
+    count_teacher_missing(state)  # the saved progress holds every clip trained so far
     main = acc.is_main_process
     ckpt_dir = state.out_dir / CHECKPOINTS
     name = step_name(state.progress.step)

@@ -77,6 +77,7 @@ from ..hub.references import (
     resolve_reference_on_main_first,
 )
 from ..preemption import StopSignals, agree_to_stop, parse_stop_signals
+from . import distill as kd
 from .checkpointing import (
     export_model,
     find_resume_checkpoint,
@@ -154,6 +155,7 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     task = resolve_task(cfg.train.task, train_set)
     resume_from = find_resume_checkpoint(cfg)
     accelerator = create_accelerator(cfg)
+    teacher = kd.open_teacher(cfg, accelerator, train_set)
     world = accelerator.num_processes
     accum = gradient_accumulation_steps(cfg.optim.batch_size, cfg.data.batch_size, world)
     start_run_dir(accelerator, cfg)
@@ -176,7 +178,8 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     pad_value = norm.apply(torch.tensor(10.0 * math.log10(train_set.features.amin))).item()
     state = TrainState(cfg, accelerator, train_set, eval_set, norm, model, optimizer, scheduler, ema, accum,
                        per_rank_batches, total_steps, warmup_steps, pad_value)
-    state.init, state.task = init, task
+    state.init, state.task, state.teacher = init, task, teacher
+    state.teacher_eval = kd.log_teacher_eval(teacher, eval_set, task, accelerator)
     if signals is not None:
         state.signals = signals
     if ema is not None:
@@ -294,7 +297,7 @@ def train_one_epoch(state: TrainState) -> bool:
     train_mode(state)  # evaluation put the model in eval mode and back
     loader, _ = build_train_loader(state.train_set, cfg.data, state.norm, epoch=p.epoch, seed=cfg.train.seed,
                                    rank=state.accelerator.process_index, world_size=state.accelerator.num_processes,
-                                   accum=state.accum, skip_batches=p.batches_in_epoch)
+                                   accum=state.accum, skip_batches=p.batches_in_epoch, teacher=state.teacher)
     for batch in loader:
         state.corrupt[batch["worker"]] = batch["corrupt"]
         if not train_micro_step(state, batch):
@@ -322,10 +325,16 @@ def train_micro_step(state: TrainState, batch: dict) -> bool:
     x, y = move_batch(batch, acc.device)
     torch.manual_seed(derive_seed(cfg.train.seed, acc.process_index, micro, 0))  # drop path
     gen = torch.Generator(device=acc.device).manual_seed(derive_seed(cfg.train.seed, acc.process_index, micro, 1))
-    x, y = augment_batch(x, y, cfg.augment, gen, pad_value=state.pad_value)
+    if state.teacher is None:
+        x, y = augment_batch(x, y, cfg.augment, gen, pad_value=state.pad_value)
+    else:
+        x, y, t, h = kd.augment_with_teacher(batch, x, y, cfg, gen, state.pad_value, state.task)
+        state.teacher_missing_local += int((~batch["has_teacher"]).sum())
     # Only the last micro-step of an optimizer step all-reduces gradients.
     with acc.no_sync(state.model) if not last_micro else contextlib.nullcontext():
-        loss = compute_loss(state.model(x), y, state.task)
+        logits = state.model(x)
+        loss = compute_loss(logits, y, state.task) if state.teacher is None else kd.distillation_loss(
+            logits, y, t, h, cfg.distill.weight, cfg.distill.temperature, state.task)
         acc.backward(loss / state.accum)
     state.meter.add(loss)
     p.batches_in_epoch += 1
@@ -356,11 +365,16 @@ def log_step(state: TrainState) -> None:
         return
     loss, sps = state.meter.read(state.accelerator)
     lr = state.scheduler.get_last_lr()[0]
+    kd.count_teacher_missing(state)
     state.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.0f}")
     state.accelerator.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": sps,
-                           "train/epoch": p.epoch + p.batches_in_epoch / state.per_rank_batches}, step=p.step)
+                           "train/epoch": p.epoch + p.batches_in_epoch / state.per_rank_batches}
+                          | ({"train/teacher_missing": p.teacher_missing} if state.teacher is not None else {}),
+                          step=p.step)
     if not cfg.train.progress_bar:
-        log.info(f"epoch {p.epoch} step {p.step}/{state.total_steps} loss {loss:.4f} lr {lr:.3e} {sps:.1f} samples/s")
+        missing = f"; {p.teacher_missing} clips without teacher scores" if state.teacher is not None else ""
+        log.info(f"epoch {p.epoch} step {p.step}/{state.total_steps} loss {loss:.4f} lr {lr:.3e} {sps:.1f} samples/s"
+                 + missing)
 
 
 def end_step(state: TrainState) -> bool:
@@ -435,6 +449,7 @@ def finish_training(state: TrainState) -> dict[str, Any]:
     ``summary.json`` and close the trackers. Returns the summary (see :func:`train`)."""
     acc, p = state.accelerator, state.progress
     state.bar.close()
+    kd.count_teacher_missing(state)
     corrupt = acc.reduce(torch.tensor(float(sum(state.corrupt.values())), device=acc.device), reduction="sum").item()
     if corrupt:
         log.warning(f"skipped {int(corrupt)} corrupt training samples in the last epoch")
@@ -449,7 +464,7 @@ def finish_training(state: TrainState) -> dict[str, Any]:
                "loss_last": state.meter.last, "eval": state.final_eval,
                "checkpoint": str(checkpoint) if checkpoint else None, "finished": finished,
                "stopped_by": "" if finished else state.stopped_by, "processes": acc.num_processes, "task": state.task,
-               "param_checksums": gather_object([checksum])}
+               "param_checksums": gather_object([checksum]), "teacher": kd.teacher_summary(state)}
     summary_path = state.out_dir / RUN_SUMMARY
     write_everywhere(state, (lambda: write_text(summary_path, json.dumps(summary, indent=1) + "\n")) if main else None,
                      str(summary_path))

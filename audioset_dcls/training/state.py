@@ -38,6 +38,7 @@ class TrainProgress:
     batches_in_epoch: int = 0  # micro-batches of ``epoch`` this rank has trained on
     samples_seen: int = 0  # clips over all processes
     processes: int = 0  # the run's process count (checked on resume: it shapes the data stream)
+    teacher_missing: int = 0  # clips trained on (all processes) that had no teacher scores (distill.teacher)
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -104,6 +105,9 @@ class TrainState:
     init: InitReport | None = None  # what model.init loaded (fresh fine-tunes; None otherwise)
     task: str = "multilabel"  # train.task resolved: "multilabel" or "singlelabel"
     stopped_by: str = ""  # the signal all ranks agreed to stop on ("SIGTERM"), "" while running
+    teacher: Any = None  # the distill.teacher table (audioset_dcls.teacher.TeacherTable), None without one
+    teacher_eval: dict[str, Any] | None = None  # the teacher's own eval metrics (main process)
+    teacher_missing_local: int = 0  # this rank's clips without teacher scores since the last count
 
     def __post_init__(self) -> None:
         self.meter = StepMeter(torch.zeros((), device=self.accelerator.device))
