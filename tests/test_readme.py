@@ -43,7 +43,7 @@ def test_every_file_shown_exists(path):
 
 def test_train_overrides_shown_resolve():
     """Each `section.key=value` the README and docs show, with their own value, is accepted."""
-    shown = sorted(set(re.findall(r"(?<![\w.])((?:data|model|optim|schedule|augment|train|eval)\.[a-z_]+=[^\s`|]+)",
+    shown = sorted(set(re.findall(r"(?<![\w.])((?:data|model|optim|schedule|augment|train|eval|distill)\.[a-z_]+=[^\s`|]+)",
                                   ALL_TEXT)))
     # placeholders the reader fills in: N, PATH, ...
     shown = [s for s in shown if not re.fullmatch(r"[A-Z]+|\.\.\.", s.split("=", 1)[1])]
