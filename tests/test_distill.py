@@ -212,56 +212,65 @@ def test_the_loader_attaches_each_clips_teacher_row_by_youtube_id(tmp_path_facto
 # ------------------------------------------------------------------------------ training runs
 
 
-def write_segments(src: Path, dst: Path, relabel) -> dict[str, list[str]]:
-    """Copy an AudioSet segment CSV with each row's mids passed through ``relabel``; returns ytid -> true mids."""
-    truth, out = {}, []
-    for line in src.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            out.append(line)
-            continue
-        ytid, start, end, labels = line.split(", ", 3)
-        mids = labels.strip('"').split(",")
-        truth[ytid] = mids
-        out.append(f'{ytid}, {start}, {end}, "{",".join(relabel(mids))}"')
-    dst.write_text("\n".join(out) + "\n")
-    return truth
+def write_clips(folder: Path, num: int, seed: int, relabel=lambda c: c) -> tuple[Path, dict[str, list[int]]]:
+    """``num`` synthetic 2 s multi-label clips (each sound spans the whole clip) as wav files and a
+    ``--list`` CSV labelling clip i's classes c as ``relabel(c)``; returns (list, file -> true classes)."""
+    import soundfile as sf
+
+    from audioset_dcls.synthetic import synthesize_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines, truth = ["path,labels"], {}
+    for i in range(num):
+        classes = sorted(int(c) for c in rng.choice(C, size=int(rng.choice([1, 2], p=[0.6, 0.4])), replace=False))
+        name = f"s{seed}_{i:03d}.wav"
+        sf.write(folder / name, synthesize_clip(classes, 2.0, 16000, rng), 16000)
+        labels = ";".join(CLASSES[relabel(c)][1] for c in classes)
+        lines.append(f'{name},"{labels}"')  # class names hold commas
+        truth[name] = classes
+    (folder / "list.csv").write_text("\n".join(lines) + "\n")
+    return folder / "list.csv", truth
 
 
 @pytest.fixture(scope="module")
 def wrong_labels(tmp_path_factory):
     """(train shards whose every label is the next class's, eval shards with the right labels,
-    the true mids per training ytid), the shards built by the project's builder."""
+    {clip id: true class indices} of both), built by the project's builder from ``--list`` CSVs
+    (own-data ids: the teacher is joined on the id the builder gave each file)."""
     from audioset_dcls.features import FeatureConfig
     from audioset_dcls.shards.build import BuildOptions, build_shards
 
-    _, eval_dir = session_shards(tmp_path_factory, 10.0)
-    audio = tmp_path_factory.getbasetemp() / "mini_audioset" / "audioset"
     root = tmp_path_factory.mktemp("wrong_labels")
-    mids = [m for m, _ in CLASSES]
-    shifted = {m: mids[(i + 1) % len(mids)] for i, m in enumerate(mids)}
-    truth = write_segments(audio / "balanced_train_segments.csv", root / "wrong.csv",
-                           lambda ms: sorted({shifted[m] for m in ms}))
-    build_shards(BuildOptions(segments=(root / "wrong.csv",), labels=audio / "class_labels_indices.csv",
-                              audio_dir=audio / "audio", out=root / "train", split="train", workers=0,
-                              shard_size=16, progress=False, feature_config=FeatureConfig(clip_seconds=10.0)))
-    return root / "train", eval_dir, truth
+    train_list, train_truth = write_clips(root / "train_audio", 96, 1, relabel=lambda c: (c + 1) % C)
+    eval_list, eval_truth = write_clips(root / "eval_audio", 48, 2)
+    classes = root / "classes.txt"  # the class order of the synthetic set, so index k is CLASSES[k] in both
+    classes.write_text("".join(name + "\n" for _, name in CLASSES))
+    features = FeatureConfig(clip_seconds=2.0)
+    for split, lst in (("train", train_list), ("eval", eval_list)):
+        build_shards(BuildOptions(lists=(lst,), classes=classes, out=root / split, split=split, workers=0,
+                                  shard_size=16, progress=False, feature_config=features))
+    by_file = {**train_truth, **eval_truth}
+    # the builder's id of dir/s1_000.wav is s1_000-<8 hex of its path>
+    truth = {ytid: by_file[ytid.rsplit("-", 1)[0] + ".wav"] for split in ("train", "eval")
+             for _, ytid, _ in shard_clips(root / split)}
+    return root / "train", root / "eval", truth
 
 
-def truth_teacher(out: Path, truth: dict[str, list[str]], eval_dir: Path, drop_every: int) -> Path:
-    """A parquet teacher that knows each clip's right classes (0.9 / 0.05), for the training clips
-    (every ``drop_every``-th left out) and the eval clips."""
-    mids = [m for m, _ in CLASSES]
-    rows = {y: [mids.index(m) for m in ms] for y, ms in truth.items()}
-    rows = {y: c for i, (y, c) in enumerate(sorted(rows.items())) if i % drop_every}
-    rows.update({ytid: labels for _, ytid, labels in shard_clips(eval_dir)})
-    ids = sorted(rows)
+def truth_teacher(out: Path, truth: dict[str, list[int]], eval_dir: Path, drop_every: int) -> Path:
+    """A parquet teacher that knows each clip's right classes (0.9 / 0.05): every eval clip and
+    the training clips but every ``drop_every``-th, with its class list in the file's metadata."""
+    eval_ids = {ytid for _, ytid, _ in shard_clips(eval_dir)}
+    train_ids = sorted(set(truth) - eval_ids)
+    ids = sorted(eval_ids | {y for i, y in enumerate(train_ids) if i % drop_every})
     scores = np.full((len(ids), C), 0.05, np.float32)
     for i, y in enumerate(ids):
-        scores[i, rows[y]] = 0.9
-    return write_parquet_folder(out, ids, scores, parts=3, labels=mids)
+        scores[i, truth[y]] = 0.9
+    return write_parquet_folder(out, ids, scores, parts=3, labels=[name for _, name in CLASSES])
 
 
-TINY = ["--config", "configs/tiny.yaml", "schedule.epochs=4", "eval.every_epochs=4", "train.progress_bar=false"]
+TINY = ["--config", "configs/tiny.yaml", "schedule.epochs=5", "eval.every_epochs=5", "train.progress_bar=false",
+        "train.log_every_steps=10"]
 
 
 def test_a_teacher_that_knows_the_right_labels_teaches_them_and_labels_alone_do_not(wrong_labels, tmp_path):
@@ -284,8 +293,8 @@ def test_a_teacher_that_knows_the_right_labels_teaches_them_and_labels_alone_do_
     assert plain["teacher"] is None
 
 
-def test_a_teacher_of_another_class_count_or_order_is_refused_in_one_line(wrong_labels, tmp_path):
-    train_dir, eval_dir, _ = wrong_labels
+def test_a_teacher_of_another_class_count_or_order_is_refused_in_one_line(tmp_path_factory, tmp_path):
+    train_dir, eval_dir = session_shards(tmp_path_factory, 2.0)
     data = [f"data.train={train_dir}", f"data.eval={eval_dir}"]
     narrow = write_parquet_folder(tmp_path / "narrow", ["a", "b"], np.zeros((2, C - 1)), parts=1)
     proc = run_train("single", TINY + data + [f"train.output_dir={tmp_path / 'r1'}", f"distill.teacher={narrow}"])
