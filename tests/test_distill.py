@@ -283,7 +283,7 @@ def test_a_teacher_that_knows_the_right_labels_teaches_them_and_labels_alone_do_
     kd, plain = summary(tmp_path / "kd"), summary(tmp_path / "plain")
     print(f"distilled mAP {kd['eval']['mAP']:.3f}, labels only {plain['eval']['mAP']:.3f}")
     assert kd["eval"]["mAP"] >= 0.40, kd_log[-3000:]  # tests/test_train.py's LEARNABLE_MAP
-    assert plain["eval"]["mAP"] < 0.30 and kd["eval"]["mAP"] > plain["eval"]["mAP"] + 0.15, plain_log[-2000:]
+    assert plain["eval"]["mAP"] < 0.35 and kd["eval"]["mAP"] > plain["eval"]["mAP"] + 0.15, plain_log[-2000:]
     t = kd["teacher"]
     assert t["eval"]["mAP"] == pytest.approx(1.0) and t["eval"]["clips_scored"] == t["eval"]["clips"]
     assert re.search(r"teacher on the eval shards: mAP 1\.0000 over the (\d+) of \1 eval clips", kd_log)
