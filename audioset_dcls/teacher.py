@@ -30,6 +30,7 @@ pyarrow (parquet) and h5py (HDF5 id order) are the ``containers`` extra, importe
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -38,8 +39,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
-from .labels import LabelError, LabelSet, read_label_set
+from .labels import LabelError, read_label_set
 
 __all__ = ["TeacherError", "TeacherSource", "TeacherTable", "build_table", "clip_id_from_audio_name",
            "hdf5_clip_ids"]
@@ -70,8 +72,7 @@ class TeacherSource:
 
 
 def _need(module: str):
-    import importlib
-
+    """An optional module of the ``containers`` extra, imported when a teacher needs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -177,8 +178,6 @@ def _load_matrix(path: Path) -> np.ndarray:
         except (OSError, ValueError) as err:
             raise TeacherError(f"distill.teacher: {path}: not a readable .npy matrix ({err})") from None
     else:
-        import torch
-
         try:
             try:
                 m = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from ..augment import augment_batch
 from ..config import Config, DistillConfig
 from ..data import DataError, ShardSet, teacher_row
 from ..metrics import classification_metrics, tagging_metrics
@@ -190,8 +191,6 @@ def augment_with_teacher(batch: dict, x: torch.Tensor, y: torch.Tensor, cfg: Con
                          pad_value: float, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The step's augmentation (same randomness as without a teacher) with the teacher's targets
     mixed like the labels: (x (B, 1, M, T), labels (B, C), teacher targets (B, C), h (B,))."""
-    from ..augment import augment_batch
-
     has = batch["has_teacher"].to(y.device)
     t = teacher_targets(batch["teacher"].to(y.device), has, y, cfg.distill.scores, cfg.distill.temperature, task)
     x, y, mixed = augment_batch(x, y, cfg.augment, generator, pad_value=pad_value,
