@@ -3,11 +3,11 @@
 :func:`train` reads top to bottom; each phase is one function of a :class:`.state.TrainState`
 (the recipe's pieces are in :mod:`.recipe`, checkpoints and resume in :mod:`.checkpointing`)::
 
-    setup_training      open_data -> find_resume_checkpoint -> create_accelerator -> seed ->
-                        build_model -> EMA -> build_optimizer -> build_scheduler -> one prepare
-                        -> resume_training (load_state)
-    train_one_epoch     per micro-batch train_micro_step (augment, forward, compute_loss,
-                        backward); per optimizer step optimizer_step -> log_step -> end_step
+    setup_training      open_data -> find_resume_checkpoint -> create_accelerator -> the
+                        distill.teacher table (.distill) -> seed -> build_model -> EMA ->
+                        build_optimizer -> build_scheduler -> one prepare -> resume_training (load_state)
+    train_one_epoch     per micro-batch train_micro_step (augment, forward, compute_loss or, with
+                        a teacher, distill.distillation_loss, backward); per optimizer step optimizer_step -> log_step -> end_step
                         (the step boundary: checkpoint when due, stop at train.max_steps or
                         when a rank got a stop signal: poll_stop)
     end_epoch           evaluate_epoch (audioset_dcls.training.evaluate) -> count the epoch -> save_checkpoint
