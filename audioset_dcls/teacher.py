@@ -3,7 +3,7 @@
 Sources (``distill.teacher``):
 
 - a parquet file, or a folder of parquet part files (read as is: the archive tagging job's
-  all-scores output), with a string clip-id column (``id``) and a list-of-float scores column
+  all-scores output folder, whose ``tags/`` parts are read and whose class list is checked), with a string clip-id column (``id``) and a list-of-float scores column
   (``scores``; list, large list or fixed-size list of float16/32/64; names configurable);
 - a ``.npy`` or ``.pt`` matrix (N x C) whose rows follow the concatenated ``audio_name`` order
   of one or more PANNs-style HDF5 files (``distill.hdf5``): ``b"Y--PJHxphWEs.wav"`` is clip
@@ -113,22 +113,33 @@ def hdf5_clip_ids(paths: Sequence[str | Path]) -> list[str | None]:
 
 
 def _parquet_files(path: Path) -> list[Path]:
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    """The parquet parts of a file or folder. An archive job's output folder (``tags/`` and
+    ``failures/`` beside ``settings.json``) is read through its ``tags/`` parts; hidden names
+    (parts still being written) and ``failures/`` parts are skipped."""
+    if not path.is_dir():
+        return [path]
+    root = path / "tags" if (path / "tags").is_dir() else path
+    files = sorted(f for f in root.rglob("*.parquet") if not f.name.startswith(".")
+                   and "failures" not in f.relative_to(root).parts[:-1])
     if not files:
         raise TeacherError(f"distill.teacher={path}: a folder with no .parquet files")
     return files
 
 
 def _parquet_labels(files: list[Path]) -> list[str] | None:
-    """The class list a parquet file declares in its key-value metadata ``labels`` (a JSON list
-    of mids, or ``{"mids": [...]}``), or None."""
+    """The class mids a parquet file declares in its key-value metadata, or None: ``labels`` (a
+    JSON list of mids, or ``{"mids": [...]}``), or the archive job's ``audioset_dcls.settings``
+    (``model.labels``: ``{index, mid, name}`` per class; the name where a class has no mid)."""
     pq = _need("pyarrow.parquet")
     meta = pq.ParquetFile(files[0]).schema_arrow.metadata or {}
-    raw = meta.get(b"labels")
-    if raw is None:
-        return None
-    d = json.loads(raw)
-    return [str(m) for m in (d.get("mids") if isinstance(d, dict) else d)]
+    if b"labels" in meta:
+        d = json.loads(meta[b"labels"])
+        return [str(m) for m in (d.get("mids") if isinstance(d, dict) else d)]
+    if b"audioset_dcls.settings" in meta:
+        labels = (json.loads(meta[b"audioset_dcls.settings"]).get("model") or {}).get("labels")
+        if labels:
+            return [str(lab.get("mid") or lab.get("name")) if isinstance(lab, dict) else str(lab) for lab in labels]
+    return None
 
 
 def _scores_array(column: Any, num_classes: int, where: str) -> np.ndarray:

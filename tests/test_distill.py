@@ -345,3 +345,32 @@ def test_two_processes_distil_in_sync_and_resume_exactly(kd_runs):
     ckpt = sorted((root / "resumed" / "checkpoints").glob("step_*"))[-1]
     saved = load_config(ckpt / "config.yaml")  # every checkpoint carries the distillation settings
     assert saved.distill.weight == 0.7 and saved.distill.scores == "logits" and saved.distill.temperature == 2.0
+
+
+def test_the_archive_jobs_all_scores_folder_is_read_as_is(tmp_path):
+    """A folder written by the archive job's own writer (tags/ and failures/ parts, settings in
+    the metadata): the teacher reads its tags parts and checks its class list."""
+    from audioset_dcls.tagging.archive_parquet import write_chunk
+
+    labels = [{"index": i, "mid": m, "name": n} for i, (m, n) in enumerate(CLASSES)]
+    settings = {"format": "x", "model": {"name": "convnext_atto", "num_classes": C, "task": "multilabel",
+                                         "labels": labels}}
+    options = {"all_scores": True, "per_window": False, "events": False, "embeddings": None}
+    rng = np.random.default_rng(2)
+    expected = {}
+    for chunk, ids in enumerate((["aaaaaaaaaaa", "bbbbbbbbbbb"], ["ccccccccccc", "ddddddddddd"])):
+        rows = []
+        for cid in ids[:-1] if chunk else ids:  # the last input of chunk 1 failed
+            scores = rng.uniform(0, 1, C).astype(np.float16)
+            expected[cid] = scores
+            rows.append({"id": cid, "path": f"/a/{cid}.wav", "chunk": chunk, "duration": 10.0, "sample_rate": 32000,
+                         "num_windows": 1, "top_index": [0], "top_mid": [CLASSES[0][0]], "top_name": [CLASSES[0][1]],
+                         "top_score": [0.5], "scores": scores})
+        fails = [{"id": ids[-1], "path": "/a/x.wav", "chunk": chunk, "kind": "file", "reason": "corrupt"}] if chunk else []
+        write_chunk(tmp_path / "job", chunk, ids, rows, fails, options, settings, {})
+    assert (tmp_path / "job" / "failures").is_dir()
+    table = TeacherTable(build_table(TeacherSource(str(tmp_path / "job")), tmp_path / "t", C))
+    assert len(table) == 3 and table.labels == [m for m, _ in CLASSES]
+    for cid, scores in expected.items():
+        np.testing.assert_array_equal(table.row(cid), scores)
+    assert table.row("ddddddddddd") is None
