@@ -143,8 +143,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Knowledge distillation from a teacher's stored scores (docs/training.md#distillation):
-    loss = (1 - weight) * label loss + weight * distillation loss; off while ``teacher`` is empty."""
+    """Knowledge distillation from a teacher's stored scores (docs/training.md, "Distillation from a
+    teacher's scores"): loss = (1 - weight) * label loss + weight * distillation loss; off while
+    ``teacher`` is empty."""
 
     teacher: str = ""  # parquet file/folder (id + scores columns), or a .npy/.pt matrix in distill.hdf5 order
     hdf5: str = ""  # comma-separated HDF5 files whose audio_name order the .npy/.pt rows follow

@@ -3,8 +3,9 @@
 Sources (``distill.teacher``):
 
 - a parquet file, or a folder of parquet part files (read as is: the archive tagging job's
-  all-scores output folder, whose ``tags/`` parts are read and whose class list is checked), with a string clip-id column (``id``) and a list-of-float scores column
-  (``scores``; list, large list or fixed-size list of float16/32/64; names configurable);
+  all-scores output folder, whose ``tags/`` parts are read and whose class list is checked),
+  with a string clip-id column (``id``) and a list-of-float scores column (``scores``; list,
+  large list or fixed-size list of float16/32/64; names configurable);
 - a ``.npy`` or ``.pt`` matrix (N x C) whose rows follow the concatenated ``audio_name`` order
   of one or more PANNs-style HDF5 files (``distill.hdf5``): ``b"Y--PJHxphWEs.wav"`` is clip
   ``--PJHxphWEs`` (leading ``Y`` and extension dropped); an empty name is a row with no clip.

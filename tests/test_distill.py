@@ -366,7 +366,8 @@ def test_the_archive_jobs_all_scores_folder_is_read_as_is(tmp_path):
             rows.append({"id": cid, "path": f"/a/{cid}.wav", "chunk": chunk, "duration": 10.0, "sample_rate": 32000,
                          "num_windows": 1, "top_index": [0], "top_mid": [CLASSES[0][0]], "top_name": [CLASSES[0][1]],
                          "top_score": [0.5], "scores": scores})
-        fails = [{"id": ids[-1], "path": "/a/x.wav", "chunk": chunk, "kind": "file", "reason": "corrupt"}] if chunk else []
+        fails = [{"id": ids[-1], "path": "/a/x.wav", "chunk": chunk, "kind": "file", "reason": "corrupt"}
+                 ] if chunk else []
         write_chunk(tmp_path / "job", chunk, ids, rows, fails, options, settings, {})
     assert (tmp_path / "job" / "failures").is_dir()
     table = TeacherTable(build_table(TeacherSource(str(tmp_path / "job")), tmp_path / "t", C))
