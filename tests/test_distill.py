@@ -5,7 +5,6 @@ knows the right labels while the shards carry wrong ones, 2-process training and
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import tarfile
