@@ -164,9 +164,9 @@ def test_http_errors_give_one_line_naming_model_url_and_what_to_do(cache, monkey
         assert server.count(PATH) == 1  # a 404 is not retried
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith(f"{NAME}: could not download {server.url}/{FILE}")
-    assert "HTTP 404" in msg and f"convert_reference {FILE} {cache}" in msg and PUBLISHED_MODELS[NAME].url in msg
+    assert "HTTP 404" in msg and f"python -m audioset_dcls convert {FILE} {cache}" in msg and PUBLISHED_MODELS[NAME].url in msg
     # nothing listening at all: retried, then the same kind of line
-    with pytest.raises(PretrainedError, match=rf"^{NAME}: could not download .*\(2 attempts\).*convert_reference"):
+    with pytest.raises(PretrainedError, match=rf"^{NAME}: could not download .*\(2 attempts\).*audioset_dcls convert"):
         fetch_pretrained(NAME, retries=1, retry_wait=0, progress=False)
     assert leftovers(cache) == []
 
@@ -190,7 +190,7 @@ def test_a_bad_file_is_refused_not_cached_and_fetched_again_next_time(published,
             assert code == 2
             (line,) = error_lines(err)
             assert line.startswith(f"error: {NAME}: {server.url}/{FILE} is not the published {FILE}")
-            assert "nothing cached" in line and "convert_reference" in line
+            assert "nothing cached" in line and "audioset_dcls convert" in line
             assert leftovers(cache) == []  # no converted file, no download, no .part
             assert server.count(PATH) == attempt  # the next call tries again
 
@@ -206,7 +206,7 @@ def test_offline_with_an_empty_cache_fails_with_one_line(cache, wav, capsys, mon
     assert server.requests == []
     (line,) = error_lines(err)
     assert line.startswith(f"error: {NAME}: not in the cache ({cache / 'convnext_dcls_audio_tiny.safetensors'})")
-    assert "AUDIOSET_DCLS_OFFLINE=1" in line and PUBLISHED_MODELS[NAME].url in line and "convert_reference" in line
+    assert "AUDIOSET_DCLS_OFFLINE=1" in line and PUBLISHED_MODELS[NAME].url in line and "audioset_dcls convert" in line
     assert error_lines(err2)[0].startswith("error: fastvit_sa24_dcls: not in the cache")
     # the prefetch command says the same, per model
     assert pretrained_main(["--offline", NAME, "convformer_s18"]) == 1
