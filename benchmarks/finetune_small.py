@@ -9,8 +9,8 @@ Folds 1-4 train (320 clips), fold 5 evaluates (80 clips); the source set (``--so
 another seed) contributes its folds 1-4 only, so no eval recording is ever seen in pre-training.
 Shards are 5 s, 64 mel bins (a CPU budget; ``--n-mels``). Every run is convnext_atto for
 ``--epochs`` epochs at batch 16 on one thread; each result is appended to ``<work>/results.jsonl``
-as soon as it finishes (a rerun skips the runs already there), and the table is printed at the
-end. Runs (``--runs`` picks some):
+as soon as it finishes (a rerun skips the runs already there; several processes on one ``--work``
+split the runs between them), and the table is printed at the end. Runs (``--runs`` picks some):
 
 - ``plain``: a sixty-line loop (AdamW lr 2e-3, OneCycle, batch 16, no augmentation) on the same
   shards, outside the trainer;
@@ -146,10 +146,28 @@ def trainer_run(name: str, extra: list[str], a, shards: dict[str, Path], out: Pa
             "train.checkpoint_every_steps=100000", "train.keep_checkpoints=1", f"eval.every_epochs={a.epochs}"]
     if config.endswith("finetune.yaml"):
         base += [f"schedule.epochs={a.epochs}", "data.batch_size=16", "optim.batch_size=16"]
-    run_train(base + args, out)
+    if not _finished(out):
+        run_train(base + args, out)
     rows = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
     plan = next((line for line in (out / "train.log").read_text().splitlines() if "steps/epoch" in line), "")
     return {"mAP": rows[-1]["mAP"], "accuracy": rows[-1]["accuracy"], "plan": plan.split("clips/step; ")[-1][:120]}
+
+
+def _finished(out: Path) -> bool:
+    return (out / "summary.json").is_file() and json.loads((out / "summary.json").read_text()).get("finished", False)
+
+
+def claim(out: Path) -> bool:
+    """True when this process may train ``out``: finished (only read), or claimed now (several
+    benchmark processes can share one --work folder and split the runs)."""
+    if _finished(out):
+        return True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        (out.parent / f".claim-{out.name}").mkdir()
+        return True
+    except FileExistsError:
+        return False
 
 
 def run_train(args: list[str], out: Path) -> None:
@@ -198,9 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     shards = prepare(a)
     results = a.work / "results.jsonl"
-    done = {json.loads(line)["run"] for line in results.read_text().splitlines()} if results.is_file() else set()
     for name in a.runs:
-        if name in done:
+        done = {json.loads(line)["run"] for line in results.read_text().splitlines()} if results.is_file() else set()
+        if name in done or not claim(a.work / "runs" / name):
             continue
         t0 = time.perf_counter()
         if name == "plain":

@@ -12,7 +12,7 @@ model trained on the other folds; mean and standard deviation of accuracy and mA
     python -m audioset_dcls.training.crossval --class-folders my_clips --k 5 --out runs/cv ...
 
 Layout under ``--out``: ``lists/foldK.csv`` (every fold's clips as ``path,labels``, absolute
-paths), ``classes.txt`` (the sorted class list, shared by every fold), and per fold
+paths; ``start,end`` kept), ``classes.txt`` (the sorted class list, shared by every fold), and per fold
 ``foldK/shards/{train,eval}`` (built with the shard builder, reused when complete), ``foldK/
 config.yaml`` and ``foldK/run`` (the training run). Resumable per fold: a finished fold (its
 ``summary.json``) is read, not retrained; an interrupted one continues from its latest
@@ -54,14 +54,15 @@ class CrossvalError(ValueError):
 
 @dataclass(frozen=True)
 class FoldSet:
-    """Every fold's clips as ``(absolute path, labels joined by ';')`` rows, folds in order."""
+    """Every fold's clips as ``(absolute path, labels joined by ';', start, end)`` rows (start
+    and end in seconds, "" for the whole file), folds in order."""
 
     names: tuple[str, ...]
-    rows: tuple[tuple[tuple[str, str], ...], ...]
+    rows: tuple[tuple[tuple[str, str, str, str], ...], ...]
 
     @property
     def classes(self) -> list[str]:
-        return sorted({lab for fold in self.rows for _, labels in fold for lab in labels.split(";") if lab})
+        return sorted({lab for fold in self.rows for row in fold for lab in row[1].split(";") if lab})
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -74,13 +75,14 @@ def _absolute(p: str, root: Path) -> str:
 
 
 def read_fold_lists(paths: list[Path]) -> FoldSet:
-    """One ``path,labels`` CSV per fold (paths relative to the CSV's folder)."""
+    """One ``path,labels[,start,end]`` CSV per fold (paths relative to the CSV's folder)."""
     rows = []
     for path in paths:
         table = _read_csv(path)
         if table and not {"path", "labels"} <= set(table[0]):
             raise CrossvalError(f"{path}: needs the columns path,labels")
-        rows.append(tuple((_absolute(r["path"], path.parent), r["labels"]) for r in table))
+        rows.append(tuple((_absolute(r["path"], path.parent), r["labels"], r.get("start") or "", r.get("end") or "")
+                          for r in table))
     return FoldSet(tuple(p.stem for p in paths), tuple(rows))
 
 
@@ -92,21 +94,21 @@ def read_fold_column(path: Path, fold_column: str, path_column: str, label_colum
     if missing:
         raise CrossvalError(f"{path}: no column {', '.join(missing)} (has {', '.join(table[0])})")
     root = audio_root or path.parent
-    folds: dict[str, list[tuple[str, str]]] = {}
+    folds: dict[str, list[tuple[str, str, str, str]]] = {}
     for r in table:
-        folds.setdefault(r[fold_column], []).append((_absolute(r[path_column], root), r[label_column]))
+        folds.setdefault(r[fold_column], []).append((_absolute(r[path_column], root), r[label_column], "", ""))
     names = sorted(folds, key=lambda s: (len(s), s))  # 1, 2, ..., 10
     return FoldSet(tuple(f"fold{n}" for n in names), tuple(tuple(folds[n]) for n in names))
 
 
 def read_class_folders(root: Path, k: int) -> FoldSet:
     """One folder per class; each file goes to fold ``sha1(its path under root) % k``."""
-    rows: list[list[tuple[str, str]]] = [[] for _ in range(k)]
+    rows: list[list[tuple[str, str, str, str]]] = [[] for _ in range(k)]
     for cls in sorted(d for d in root.iterdir() if d.is_dir()):
         for f in sorted(cls.rglob("*")):
             if f.suffix.lower() in AUDIO_EXTENSIONS:
                 rel = str(f.relative_to(root))
-                rows[int(hashlib.sha1(rel.encode()).hexdigest(), 16) % k].append((str(f.resolve()), cls.name))
+                rows[int(hashlib.sha1(rel.encode()).hexdigest(), 16) % k].append((str(f.resolve()), cls.name, "", ""))
     return FoldSet(tuple(f"fold{i + 1}" for i in range(k)), tuple(tuple(r) for r in rows))
 
 
@@ -130,7 +132,7 @@ def write_lists(folds: FoldSet, out: Path) -> list[Path]:
     """``lists/<fold>.csv`` per fold and ``classes.txt``; returns the lists."""
     paths = []
     for name, rows in zip(folds.names, folds.rows):
-        lines = ["path,labels"] + [f"{_csv_cell(p)},{_csv_cell(lab)}" for p, lab in rows]
+        lines = ["path,labels,start,end"] + [",".join(_csv_cell(c) for c in row) for row in rows]
         write_text(out / "lists" / f"{name}.csv", "\n".join(lines) + "\n")
         paths.append(out / "lists" / f"{name}.csv")
     write_text(out / "classes.txt", "\n".join(folds.classes) + "\n")
