@@ -98,7 +98,7 @@ class ScheduleConfig:
     epochs: int = 60
     warmup_epochs: float = 20.0
     warmup_steps: int = 0  # > 0: warm up over this many optimizer steps instead (short fine-tunes)
-    warmup_fraction: float = 0.0  # > 0: warm up over this fraction of all steps (overrides both above)
+    warmup_fraction: float = 0.0  # > 0 (and warmup_steps 0): warm up over this fraction of all steps
     warmup_lr: float = 0.0  # lr at step 0, rising linearly to optim.lr
     min_lr: float = 1e-6  # cosine floor
 

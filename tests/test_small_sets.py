@@ -63,7 +63,8 @@ def test_the_schedule_keeps_every_groups_ratio():
 
 
 def test_warmup_fraction_and_steps():
-    assert resolve_warmup(ScheduleConfig(warmup_fraction=0.1, warmup_steps=100), 300, 20) == 30
+    assert resolve_warmup(ScheduleConfig(warmup_fraction=0.1), 300, 20) == 30
+    assert resolve_warmup(ScheduleConfig(warmup_fraction=0.1, warmup_steps=4), 300, 20) == 4  # steps given: they win
     assert resolve_warmup(ScheduleConfig(warmup_steps=100, warmup_epochs=0), 75, 5) == 75  # capped: all of it
     assert resolve_warmup(ScheduleConfig(warmup_epochs=2), 300, 20) == 40
     with pytest.raises(ConfigError, match="schedule.warmup_fraction"):

@@ -235,8 +235,10 @@ def small_set_line(cfg: Config, num_clips: int, factor: float) -> str:
 
 
 def resolve_warmup(s: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> int:
-    """Warmup steps: ``warmup_fraction`` of all steps when > 0, else ``warmup_steps`` (at most
-    all of them) when > 0, else ``warmup_epochs`` epochs."""
+    """Warmup steps: ``warmup_steps`` (at most all of them) when > 0, else ``warmup_fraction``
+    of all steps when > 0, else ``warmup_epochs`` epochs."""
+    if s.warmup_steps > 0:
+        return min(s.warmup_steps, total_steps)
     if s.warmup_fraction > 0:
         return round(s.warmup_fraction * total_steps)
-    return min(s.warmup_steps, total_steps) or round(s.warmup_epochs * steps_per_epoch)
+    return round(s.warmup_epochs * steps_per_epoch)
