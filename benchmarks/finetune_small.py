@@ -19,7 +19,7 @@ split the runs between them), and the table is printed at the end. Runs (``--run
 - ``no-stretch``, ``no-erase``, ``no-mixup``, ``no-smooth``, ``no-droppath``, ``short-warmup``: the old recipe
   with one thing off (warmup: 10% of the steps instead of 100 steps);
 - ``all-off``: every augmentation, label smoothing and drop path off, warmup 10%;
-- ``all-off-lr2e-3``: the same at the plain loop's lr;
+- ``all-off-lr2e-3``: the same at the plain loop's lr; ``all-off-lr2e-3-noroll``: and no time roll;
 - ``recipe``: configs/finetune.yaml as it is now (from scratch); ``recipe-source``: the same from
   the source model; ``recipe-source-head1``: from the source without the head's lr scale;
   ``recipe-source-ld``: with layer decay 0.75; ``recipe-10s``: the recipe on 10 s shards (the
@@ -65,6 +65,7 @@ RUNS: dict[str, list[str]] = {
     "short-warmup": OLD + ["schedule.warmup_steps=0", "schedule.warmup_fraction=0.1"],
     "all-off": OLD + OFF,
     "all-off-lr2e-3": OLD + OFF + ["optim.lr=2e-3"],
+    "all-off-lr2e-3-noroll": OLD + OFF + ["optim.lr=2e-3", "augment.time_roll=false"],
     "recipe": [],
     "recipe-source": ["@source"],
     "recipe-source-head1": ["@source", "optim.head_lr_scale=1"],

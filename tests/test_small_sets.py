@@ -116,15 +116,15 @@ def test_fine_tune_from_a_source_beats_the_same_recipe_from_scratch(tmp_path_fac
     source = tmp_path / "source"
     check(run_train("single", ["--config", "configs/tiny.yaml", f"data.train={src_train}", f"data.eval={src_eval}",
                                f"train.output_dir={source}", "schedule.epochs=3", "eval.every_epochs=3",
-                               "train.progress_bar=false", "train.tracker=none"], threads=2))
+                               "train.progress_bar=false", "train.tracker=none"], threads=1))
     train_dir, eval_dir = own_shards(tmp_path_factory)
     common = ["--config", "configs/finetune.yaml", "model.name=convnext_atto", f"data.train={train_dir}",
               f"data.eval={eval_dir}", "schedule.epochs=8", "data.batch_size=6", "optim.batch_size=6",
               "data.num_workers=1", "eval.num_workers=1", "eval.every_epochs=8", "train.progress_bar=false",
               "train.tracker=none"]
     check(run_train("single", common + [f"train.output_dir={tmp_path / 'ft'}",
-                                        f"model.init={source / 'model.safetensors'}"], threads=2))
-    check(run_train("single", common + [f"train.output_dir={tmp_path / 'scratch'}"], threads=2))
+                                        f"model.init={source / 'model.safetensors'}"], threads=1))
+    check(run_train("single", common + [f"train.output_dir={tmp_path / 'scratch'}"], threads=1))
     ft, scratch = _final_eval(tmp_path / "ft"), _final_eval(tmp_path / "scratch")
     assert ft["num_clips"] == scratch["num_clips"] >= 25
     assert ft["mAP"] > scratch["mAP"] + 0.05, (ft, scratch)
