@@ -7,8 +7,10 @@ percussion hits from Debian's freely licensed drum-kit packages, cut into 5 s cl
 Sources (Debian packages, fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x``
 into ``--cache``; an installed copy under /usr/share is used as is):
 
-- ``hydrogen-drumkits`` (GPL-2+; per-kit credits in /usr/share/doc/hydrogen-drumkits/copyright,
-  e.g. ForzeeStereo, ColomboAcousticDrumkit, Millo_MultiLayered2/3 are recorded acoustic kits);
+- ``hydrogen-drumkits`` (GPL-2 / GPL-2+ kits, Audiophob CC0, ColomboAcousticDrumkit GPL-2+ with
+  a composition exception; per kit in /usr/share/doc/hydrogen-drumkits/copyright. ForzeeStereo,
+  ColomboAcousticDrumkit, Millo_MultiLayered2/3 are recorded acoustic kits; rumpf_kit's
+  CC-BY-3.0 loops are not used);
 - ``hydrogen-data`` (GPL-2+: GMRockKit, TR808EmulationKit);
 - ``lmms-common`` (GPL-2+: /usr/share/lmms/samples/drums).
 

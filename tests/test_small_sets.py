@@ -47,7 +47,7 @@ def test_head_lr_scale_and_layer_decay():
 
 
 def test_the_schedule_keeps_every_groups_ratio():
-    from audioset_dcls.training.loop import build_optimizer, build_scheduler
+    from audioset_dcls.training.recipe import build_optimizer, build_scheduler
 
     model = create_model("convnext_atto_dcls", num_classes=3)
     cfg = load_config(None, ["optim.lr=1e-3", "optim.head_lr_scale=4", "optim.layer_decay=0.8"])
