@@ -119,8 +119,8 @@ def test_fine_tune_from_a_source_beats_the_same_recipe_from_scratch(tmp_path_fac
                                "train.progress_bar=false", "train.tracker=none"], threads=1))
     train_dir, eval_dir = own_shards(tmp_path_factory)
     common = ["--config", "configs/finetune.yaml", "model.name=convnext_atto", f"data.train={train_dir}",
-              f"data.eval={eval_dir}", "schedule.epochs=8", "data.batch_size=6", "optim.batch_size=6",
-              "data.num_workers=1", "eval.num_workers=1", "eval.every_epochs=8", "train.progress_bar=false",
+              f"data.eval={eval_dir}", "schedule.epochs=20", "data.batch_size=6", "optim.batch_size=6",
+              "data.num_workers=1", "eval.num_workers=1", "eval.every_epochs=20", "train.progress_bar=false",
               "train.tracker=none"]
     check(run_train("single", common + [f"train.output_dir={tmp_path / 'ft'}",
                                         f"model.init={source / 'model.safetensors'}"], threads=1))
