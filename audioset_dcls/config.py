@@ -87,6 +87,10 @@ class OptimConfig:
     eps: float = 1e-8
     dcls_lr_scale: float = 5.0  # DCLS positions/widths: lr x this, no weight decay
     clip_grad_norm: float = 0.0  # 0 = off (the reference does not clip)
+    # the classifier head's lr = lr x this (a new head learns from zero: AST/BEATs fine-tuning)
+    head_lr_scale: float = 1.0
+    # layer-wise lr decay (BEiT, BEATs): a block n blocks below the head trains at lr x decay**n; 1 = off
+    layer_decay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class ScheduleConfig:
     epochs: int = 60
     warmup_epochs: float = 20.0
     warmup_steps: int = 0  # > 0: warm up over this many optimizer steps instead (short fine-tunes)
+    warmup_fraction: float = 0.0  # > 0 (and warmup_steps 0): warm up over this fraction of all steps
     warmup_lr: float = 0.0  # lr at step 0, rising linearly to optim.lr
     min_lr: float = 1e-6  # cosine floor
 
@@ -111,6 +116,10 @@ class AugmentConfig:
     freq_mask_width: int = 0  # max bins per mask
     time_masks: int = 0  # SpecAugment: number of time masks per clip (0 = off)
     time_mask_width: int = 0  # max frames per mask
+    # > 0: with fewer training clips than this, every augmentation above (stretch and erase
+    # probabilities, mixup alpha, label smoothing, mask counts) and model.drop_path_rate is scaled
+    # by clips / full_strength_clips (training.finetune.scale_for_small_set); 0 = as configured
+    full_strength_clips: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,10 @@ class Config:
             (self.schedule.epochs > 0, "schedule.epochs", "must be > 0"),
             (0 <= self.schedule.warmup_epochs <= self.schedule.epochs, "schedule.warmup_epochs", "must be in [0, epochs]"),
             (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0"),
+            (0 <= self.schedule.warmup_fraction <= 1, "schedule.warmup_fraction", "must be in [0, 1]"),
+            (self.optim.head_lr_scale > 0, "optim.head_lr_scale", "must be > 0"),
+            (0 < self.optim.layer_decay <= 1, "optim.layer_decay", "must be in (0, 1]"),
+            (self.augment.full_strength_clips >= 0, "augment.full_strength_clips", "must be >= 0"),
             (0 <= self.augment.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)"),
             (0 <= self.augment.time_stretch_min <= self.augment.time_stretch_max, "augment.time_stretch_min",
              "must be >= 0 and <= time_stretch_max"),

@@ -10,10 +10,18 @@ exactly what was loaded and what was re-initialised (logged, and written to the 
 
 ``model.freeze_backbone`` trains the head only (a linear probe, :func:`freeze_backbone`): the rest
 stops taking gradients and stays in eval mode (no drop path, no batch-norm updates).
+
+Small sets (issue 22, docs/finetune.md "Small sets"): :func:`lr_param_groups` gives the new head
+``optim.head_lr_scale`` x the lr and, with ``optim.layer_decay`` < 1, each block ``decay**n`` of
+it, n blocks below the head (layer-wise lr decay of BEiT, arXiv:2106.08254, and BEATs,
+arXiv:2212.09058; the head scale as in AST, arXiv:2104.01778); :func:`scale_for_small_set` scales
+augmentation and drop path with the clip count (``augment.full_strength_clips``);
+:func:`resolve_warmup` reads ``schedule.warmup_fraction``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +31,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..config import Config, OptimConfig, ScheduleConfig
 from ..files import write_text
 from ..hub.checkpoint import CheckpointError, load_checkpoint
 from ..hub.references import CheckpointRef
 
 __all__ = ["InitReport", "read_init_weights", "init_from_checkpoint", "head_prefix", "freeze_backbone",
-           "set_train_mode", "write_report"]
+           "set_train_mode", "write_report", "lr_param_groups", "layer_ids", "scale_for_small_set",
+           "resolve_warmup", "small_set_line"]
 
 
 @dataclass
@@ -152,3 +162,83 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 def write_report(path: Path, report: InitReport) -> None:
     """``init.json``: the report with every tensor by name, written atomically."""
     write_text(path, json.dumps(report.to_dict(), indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- small sets (issue 22)
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """``({parameter name: depth}, number of depths)``: timm's fine-grained ``group_matcher``
+    (stem 0, one per block, the head last); a model without one is a single depth."""
+    names = [n for n, _ in model.named_parameters()]
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        return {n: 0 for n in names}, 1
+    from timm.models import group_parameters
+
+    groups = group_parameters(model, matcher(coarse=False))
+    ids = {n: i for i, (_, members) in enumerate(sorted(groups.items())) for n in members}
+    return {n: ids.get(n, len(groups) - 1) for n in names}, len(groups)
+
+
+def lr_param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
+    """``models.param_groups`` (decay / no decay / DCLS x dcls_lr_scale), each split by the lr
+    scale of its tensors: the classifier (``head_prefix``) x ``head_lr_scale``; with
+    ``layer_decay`` < 1, every other tensor x ``layer_decay ** (depths - 1 - depth)``
+    (:func:`layer_ids`: the stem decays most, the last block least). Each group's ``lr_scale``
+    is its ratio to ``optim.lr``; with both scales at 1 the groups are models.param_groups'."""
+    from ..models import param_groups
+
+    base = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, dcls_lr_scale=o.dcls_lr_scale)
+    if o.head_lr_scale == 1 and o.layer_decay == 1:
+        return base
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    depth, depths = layer_ids(model)
+    head = head_prefix(model)
+    out = []
+    for g in base:
+        split: dict[float, list] = {}
+        for p in g["params"]:
+            n = name_of[id(p)]
+            scale = o.head_lr_scale if n.startswith(head) else o.layer_decay ** (depths - 1 - depth[n])
+            split.setdefault(scale, []).append(p)
+        for scale, params in sorted(split.items()):
+            lr_scale = g["lr_scale"] * scale
+            out.append({**g, "name": f"{g['name']} x{scale:.4g}", "params": params, "lr": o.lr * lr_scale,
+                        "lr_scale": lr_scale})
+    return out
+
+
+def scale_for_small_set(cfg: Config, num_clips: int) -> tuple[Config, float]:
+    """``(cfg, factor)``: with ``augment.full_strength_clips`` N > 0 and fewer training clips
+    than N, every augmentation strength and ``model.drop_path_rate`` times ``num_clips / N``
+    (mask counts rounded down); the result has ``full_strength_clips`` 0, so it is what was
+    trained and scaling it again changes nothing. Factor 1 (cfg unchanged) otherwise."""
+    a = cfg.augment
+    if a.full_strength_clips <= 0 or num_clips >= a.full_strength_clips:
+        return cfg, 1.0
+    f = num_clips / a.full_strength_clips
+    aug = dataclasses.replace(
+        a, label_smoothing=a.label_smoothing * f, mixup_alpha=a.mixup_alpha * f,
+        time_stretch_prob=a.time_stretch_prob * f, erase_prob=a.erase_prob * f,
+        freq_masks=int(a.freq_masks * f), time_masks=int(a.time_masks * f), full_strength_clips=0)
+    model = dataclasses.replace(cfg.model, drop_path_rate=cfg.model.drop_path_rate * f)
+    return dataclasses.replace(cfg, augment=aug, model=model), f
+
+
+def small_set_line(cfg: Config, num_clips: int, factor: float) -> str:
+    """The log line saying what :func:`scale_for_small_set` did."""
+    a = cfg.augment
+    return (f"{num_clips} training clips: augmentation and drop path x {factor:.3g} (augment.full_strength_clips): "
+            f"mixup_alpha {a.mixup_alpha:.3g}, label_smoothing {a.label_smoothing:.3g}, time_stretch_prob "
+            f"{a.time_stretch_prob:.3g}, erase_prob {a.erase_prob:.3g}, drop_path_rate {cfg.model.drop_path_rate:.3g}")
+
+
+def resolve_warmup(s: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """Warmup steps: ``warmup_steps`` (at most all of them) when > 0, else ``warmup_fraction``
+    of all steps when > 0, else ``warmup_epochs`` epochs."""
+    if s.warmup_steps > 0:
+        return min(s.warmup_steps, total_steps)
+    if s.warmup_fraction > 0:
+        return round(s.warmup_fraction * total_steps)
+    return round(s.warmup_epochs * steps_per_epoch)

@@ -98,7 +98,10 @@ from .finetune import (
     InitReport,
     freeze_backbone,
     init_from_checkpoint,
+    resolve_warmup,
+    scale_for_small_set,
     set_train_mode,
+    small_set_line,
     write_report,
 )
 from .recipe import (
@@ -152,6 +155,7 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     Bad data or a bad resume request fail before any process group or model is built.
     ``signals``: this rank's stop-signal flag (installed by :func:`train`)."""
     train_set, eval_set, norm = open_data(cfg)
+    cfg, small_set = scale_for_small_set(cfg, train_set.num_samples)  # augment.full_strength_clips
     task = resolve_task(cfg.train.task, train_set)
     resume_from = find_resume_checkpoint(cfg)
     accelerator = create_accelerator(cfg)
@@ -172,7 +176,7 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
                                               accum)
     steps_per_epoch = per_rank_batches // accum
     total_steps = cfg.schedule.epochs * steps_per_epoch
-    warmup_steps = min(cfg.schedule.warmup_steps, total_steps) or round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    warmup_steps = resolve_warmup(cfg.schedule, total_steps, steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg, total_steps, warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     pad_value = norm.apply(torch.tensor(10.0 * math.log10(train_set.features.amin))).item()
@@ -188,6 +192,8 @@ def setup_training(cfg: Config, signals: StopSignals | None = None) -> TrainStat
     state.progress.processes = world
     accelerator.register_for_checkpointing(state.progress)
     log_plan(state)
+    if small_set < 1:
+        log.info(small_set_line(cfg, train_set.num_samples, small_set))
     resume_training(state, resume_from)
     state.bar = tqdm(total=total_steps, initial=state.progress.step, dynamic_ncols=True, desc="train",
                      disable=not (accelerator.is_main_process and cfg.train.progress_bar))

@@ -20,7 +20,8 @@ from ..data import (
     ShardSet,
     labels_per_clip,
 )
-from ..models import create_model, param_groups
+from ..models import create_model
+from .finetune import lr_param_groups
 
 __all__ = ["lr_at", "gradient_accumulation_steps", "build_model", "build_optimizer", "build_scheduler", "compute_loss", "resolve_task", "ModelEma", "model_kwargs"]
 
@@ -49,9 +50,10 @@ def gradient_accumulation_steps(global_batch: int, per_device_batch: int, num_pr
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW or LAMB over models.param_groups (DCLS positions/widths: lr x dcls_lr_scale, no decay)."""
+    """AdamW or LAMB over models.param_groups (DCLS positions/widths: lr x dcls_lr_scale, no decay),
+    split by the head's lr scale and layer-wise decay (finetune.lr_param_groups)."""
     o = cfg.optim
-    groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, dcls_lr_scale=o.dcls_lr_scale)
+    groups = lr_param_groups(model, o)
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     # timm's LAMB (what the reference trains ConvFormer with): per-layer trust ratio, and a
