@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tag": ("audioset_dcls.tagging.cli", "tag audio files, folders or live PCM (same as infer.py)"),
     "tag-archive": ("audioset_dcls.tagging.archive", "tag / embed a whole archive into parquet: many processes, resumable"),
     "train": ("audioset_dcls.training.cli", "train or fine-tune on log-mel shards (same as train.py)"),
+    "crossval": ("audioset_dcls.training.crossval", "k-fold cross-validation (ESC-50 style) in one command, resumable"),
     "evaluate": ("audioset_dcls.training.evaluate", "mAP / AUC / d' of a checkpoint on eval shards; --calibrate"),
     "build-shards": ("audioset_dcls.shards.cli", "audio -> log-mel WebDataset shards (resumable, parallel)"),
     "export": ("audioset_dcls.tagging.export", "export a checkpoint to ONNX"),

@@ -2,14 +2,14 @@
 model trained on the other folds; mean and standard deviation of accuracy and mAP over folds.
 
     # one list per fold (path,labels)
-    python -m audioset_dcls.training.crossval --folds fold1.csv fold2.csv fold3.csv fold4.csv fold5.csv \\
+    python -m audioset_dcls crossval --folds fold1.csv fold2.csv fold3.csv fold4.csv fold5.csv \\
         --out runs/cv --config configs/finetune.yaml -- model.init=convnext_tiny_dcls
     # one list with a fold column: ESC-50's own metadata, as it comes
-    python -m audioset_dcls.training.crossval --list ESC-50/meta/esc50.csv --fold-column fold \\
+    python -m audioset_dcls crossval --list ESC-50/meta/esc50.csv --fold-column fold \\
         --path-column filename --label-column category --audio-root ESC-50/audio --clip-seconds 5 \\
         --out runs/esc50 --config configs/finetune.yaml -- model.init=convnext_tiny_dcls
     # one folder per class, folds drawn by a hash of each file's path
-    python -m audioset_dcls.training.crossval --class-folders my_clips --k 5 --out runs/cv ...
+    python -m audioset_dcls crossval --class-folders my_clips --k 5 --out runs/cv ...
 
 Layout under ``--out``: ``lists/foldK.csv`` (every fold's clips as ``path,labels``, absolute
 paths; ``start,end`` kept), ``classes.txt`` (the sorted class list, shared by every fold), and per fold
@@ -247,7 +247,7 @@ def _train_one(config: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m audioset_dcls.training.crossval", description="k-fold cross-validation in one command (ESC-50 style): each fold evaluated once by a model trained on the others; mean ± std accuracy and mAP.")
+    p = argparse.ArgumentParser(prog="audioset-dcls crossval", description="k-fold cross-validation in one command (ESC-50 style): each fold evaluated once by a model trained on the others; mean ± std accuracy and mAP.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--folds", type=Path, nargs="+", help="one path,labels CSV per fold")
     src.add_argument("--list", type=Path, help="one CSV with a fold column (--fold-column)")
