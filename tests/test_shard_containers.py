@@ -309,7 +309,7 @@ def test_broken_parquet_rows_are_reported(data, tmp_path, capsys):
 def test_tar_samples_labels_and_broken_members(data, tmp_path):
     flac = data["flacs"]["aaaaaaaaaaa"]
     by_name = json.dumps({"tags": "Speech; Music"}).encode()
-    tar = _write_tar(tmp_path / "x-000001.tar", [
+    _write_tar(tmp_path / "x-000001.tar", [
         ("Ynnnnnnnnnnn", {"flac": flac, "json": by_name}),  # names, ';'-separated
         ("ooooooooooo", {"json": by_name}),  # no audio
         ("ppppppppppp", {"flac": flac}),  # no json

@@ -37,7 +37,6 @@ without them, :class:`MissingExtra` says so in one line.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import tarfile
