@@ -50,7 +50,7 @@ import numpy as np
 from .decode import AudioDecodeError, decode_bytes, decode_mono, decode_audio, decode_mono_bytes, downmix
 
 __all__ = ["ClipRef", "ContainerClip", "MissingExtra", "read_clip", "read_clip_mono", "open_containers", "close_containers",
-           "iter_hdf5", "iter_parquet", "iter_wds_audio", "hdf5_clip_ids", "expand_inputs", "id_from_name",
+           "iter_hdf5", "iter_parquet", "iter_wds_audio", "hdf5_clip_ids", "expand_container_paths", "id_from_name",
            "MAX_OPEN", "HDF5_SAMPLE_RATE"]
 
 MAX_OPEN = 64  # container files kept open per process
@@ -479,7 +479,7 @@ def _wds_sample(path: str, tar: tarfile.TarFile, key: str, members: list, label_
     return ContainerClip(id_from_name(key), ref, labels, where, meta)
 
 
-def expand_inputs(patterns: Iterable[str | Path], suffixes: tuple[str, ...], what: str) -> list[str]:
+def expand_container_paths(patterns: Iterable[str | Path], suffixes: tuple[str, ...], what: str) -> list[str]:
     """Files named by ``patterns``: files, folders (their ``*suffix`` files, recursively), globs
     (``**`` too) and brace patterns (``a-{000..009}.tar``, ``{a,b}.h5``); sorted within each
     pattern, in pattern order, duplicates removed. ValueError (one line) for a pattern that

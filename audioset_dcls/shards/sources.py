@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..audio.containers import ClipRef, ContainerClip, expand_inputs, iter_hdf5, iter_parquet, iter_wds_audio
+from ..audio.containers import ClipRef, ContainerClip, expand_container_paths, iter_hdf5, iter_parquet, iter_wds_audio
 from ..labels import (
     AUDIO_EXTENSIONS,
     DroppedRow,
@@ -305,7 +305,7 @@ _CONTAINER_SUFFIXES = {"hdf5": (".h5", ".hdf5", ".hdf"), "parquet": (".parquet",
 def _container_listing(opts: BuildOptions) -> Iterable[ContainerClip]:
     """The clips of the build's container files, file after file, each in its stable order."""
     kind, patterns = opts.containers
-    files = expand_inputs(patterns, _CONTAINER_SUFFIXES[kind], kind.replace("_", " "))
+    files = expand_container_paths(patterns, _CONTAINER_SUFFIXES[kind], kind.replace("_", " "))
     for path in files:
         if kind == "hdf5":
             yield from iter_hdf5(path)

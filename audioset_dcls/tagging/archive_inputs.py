@@ -47,7 +47,7 @@ import soundfile as sf
 import torch
 
 from ..audio.containers import ClipRef, iter_hdf5, iter_parquet, iter_wds_audio, read_clip_mono
-from ..audio.containers import expand_inputs as expand_containers
+from ..audio.containers import expand_container_paths
 from ..audio.decode import AudioDecodeError, error_line, resample
 from ..audio.stream import stream_audio
 from ..files import sha256_file
@@ -118,7 +118,7 @@ CONTAINERS = {"hdf5": (iter_hdf5, (".h5", ".hdf5"), "HDF5"), "parquet": (iter_pa
 def _from_containers(kind: str, patterns: Sequence[str]) -> list[ArchiveInput]:
     lister, suffixes, what = CONTAINERS[kind]
     return [ArchiveInput(clip.id or clip.where, clip.ref.describe(), "clip", clip.ref)
-            for path in expand_containers(patterns, suffixes, what) for clip in lister(path)]
+            for path in expand_container_paths(patterns, suffixes, what) for clip in lister(path)]
 
 
 def list_inputs(specs: Sequence[str], containers: dict[str, Sequence[str]] | None = None) -> list[ArchiveInput]:
