@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--source-epochs", type=int, default=6)
     p.add_argument("--n-mels", type=int, default=64)
-    p.add_argument("--runs", nargs="*", default=["plain", *RUNS])
+    p.add_argument("--runs", nargs="*", default=["plain", *RUNS],
+                   help="run names; NAME@seedK repeats run NAME with seed K")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     shards = prepare(a)
@@ -227,10 +228,12 @@ def main(argv: list[str] | None = None) -> None:
         if name in done or not claim(a.work / "runs" / name):
             continue
         t0 = time.perf_counter()
-        if name == "plain":
-            r = plain_loop(shards["5s_train"], shards["5s_eval"], a.epochs)
+        base, _, seed = name.partition("@seed")  # NAME@seedK: run NAME with seed K (noise between seeds)
+        if base == "plain":
+            r = plain_loop(shards["5s_train"], shards["5s_eval"], a.epochs, seed=int(seed or 0))
         else:
-            r = trainer_run(name, RUNS[name], a, shards, a.work / "runs" / name)
+            extra = RUNS[base] + ([f"train.seed={seed}"] if seed else [])
+            r = trainer_run(name, extra, a, shards, a.work / "runs" / name)
         r.update(run=name, seconds=round(time.perf_counter() - t0), epochs=a.epochs)
         with open(results, "a") as f:
             f.write(json.dumps(r) + "\n")
