@@ -16,10 +16,10 @@ def __getattr__(name):  # lazy: `import audioset_dcls` stays cheap (no timm impo
         from . import models
 
         return getattr(models, name)
-    if name == "load_model":
-        from .hub.checkpoint import load_model
+    if name == "load_model":  # any checkpoint reference: a file, a finished run folder, a published name
+        from .hub.references import load_reference
 
-        return load_model
+        return load_reference
     if name == "load_pretrained":
         from .hub.pretrained import load_pretrained
 

@@ -493,6 +493,10 @@ def test_a_run_folder_is_a_checkpoint_reference_for_tagging_evaluation_and_init(
     run_dir = runs["root"] / "full"
     step = find_checkpoint(run_dir)
     assert resolve_reference(run_dir).path == run_dir / "model.safetensors"
+    import audioset_dcls
+
+    model, info = audioset_dcls.load_model(run_dir)  # the Python API reads references too
+    assert info.model_name == read_checkpoint_info(run_dir / "model.safetensors").model_name and not model.training
     assert resolve_reference(run_dir, need="training").path == step
     ref = resolve_reference(step, need="weights")
     assert ref.kind == "training" and ref.weights_file == step / "pytorch_model.bin"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_model
 from .pretrained import fetch_pretrained
 from .published import PUBLISHED_MODELS
 
@@ -46,6 +46,7 @@ __all__ = [
     "find_checkpoint",
     "resolve_reference",
     "resolve_reference_on_main_first",
+    "load_reference",
 ]
 
 RUN_CONFIG = "config.yaml"  # the resolved config, in a run folder and in each step folder
@@ -166,3 +167,8 @@ def resolve_reference_on_main_first(given: str | Path, accelerator: Any, *, need
         raise CheckpointError(outcome[0])
     return resolve_reference(given, need=need, **{**fetch_kwargs, "progress": False})
 
+
+def load_reference(given: str | Path, *, bake: bool = True, device: Any = "cpu", **fetch_kwargs: Any) -> tuple[Any, Any]:
+    """The model any inference reference names (a published name, a file, a finished run folder):
+    ``(model, CheckpointInfo)`` in eval mode; ``audioset_dcls.load_model`` in the Python API."""
+    return load_model(resolve_reference(given, **fetch_kwargs).path, bake=bake, device=device)
