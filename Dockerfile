@@ -32,7 +32,7 @@ WORKDIR /opt/audioset-dcls
 COPY pyproject.toml README.md LICENSE ./
 COPY audioset_dcls/__init__.py audioset_dcls/__init__.py
 # hadolint ignore=DL3013
-RUN pip install ".[export]"
+RUN pip install ".[export,containers]"
 
 COPY audioset_dcls/ audioset_dcls/
 COPY preprocessing/ preprocessing/
