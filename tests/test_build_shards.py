@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from audioset_dcls.shards.format import LogmelEncoding, decode_sample, hash_ids,
 from audioset_dcls.shards.build import BuildOptions, build_shards
 from audioset_dcls.shards.cli import main
 from audioset_dcls.shards.plan import order_segments, part_shard_range
+from helpers_shards import kill_build_after_first_shard
 
 CLASSES = [("/m/09x0r", "Speech"), ("/m/05zppz", "Male speech, man speaking"), ("/m/04rlf", "Music"),
            ("/m/068hy", "Domestic animals, pets"), ("/m/0jbk", "Animal")]
@@ -393,18 +391,7 @@ def test_cli_killed_mid_run_resumes(dataset, tmp_path):
     argv = [sys.executable, "-m", "preprocessing.build_shards", "--segments", *map(str, dataset["segments"]),
             "--labels", str(dataset["labels"]), "--audio-dir", str(dataset["audio"]), "--out", str(out),
             "--split", "train", "--shard-size", "1", "--workers", "1", "--seed", "7", "--no-progress"]
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not list((out / "_build").glob("train-*.json")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no shard finished in 120 s"
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers
-        proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_build_after_first_shard(argv, out)
     finished = len(list((out / "_build").glob("train-*.json")))
     assert 1 <= finished < 11
 

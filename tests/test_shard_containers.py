@@ -6,11 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 import zlib
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from audioset_dcls.labels import audioset_label_set, read_segments  # noqa: E402
 from audioset_dcls.shards.build import BuildOptions, build_shards, format_summary  # noqa: E402
 from audioset_dcls.shards.cli import main  # noqa: E402
 from audioset_dcls.shards.format import read_manifest, sha256_file  # noqa: E402
+from helpers_shards import kill_build_after_first_shard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = audioset_label_set()
@@ -379,18 +378,7 @@ def test_killed_container_build_resumes_to_the_clean_build(data, tmp_path):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "preprocessing.build_shards", "--hdf5", str(data["h5_int16"]), "--out", str(out),
             "--split", "train", "--shard-size", "1", "--workers", "1", "--seed", "3", "--no-progress"]
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while not list((out / "_build").glob("train-*.json")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no shard finished in 120 s"
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers
-        proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_build_after_first_shard(argv, out)
     result = build_shards(_opts(out, hdf5=(str(data["h5_int16"]),), shard_size=1, workers=1))
     assert result.shards_reused
     digests = lambda o: {p.name: sha256_file(p) for p in sorted(o.glob("*.tar"))}  # noqa: E731
