@@ -3,11 +3,11 @@
 Training (one loader per epoch, so the epoch is part of every seed and a resumed run rebuilds
 exactly the stream it left)::
 
-    resampled shards  -- seeded by (seed, epoch, rank, worker): every rank and worker draws its
-                         own shard sequence, which is what split_by_node / split_by_worker do
-                         for a finite list (open_clip does the same for resampled shards)
-    tar -> samples    -- corrupt tars and members are logged and counted, not fatal
-    shuffle           -- buffer, seeded by (seed, epoch, rank, worker)
+    shard passes      -- passes over the shards, each a permutation seeded by (seed, epoch,
+                         pass) and dealt round-robin to every rank's workers (split_by_node and
+                         split_by_worker for an endless stream); corrupt tars and members are
+                         logged and counted, not fatal; each worker shuffles its part of a pass
+                         in a buffer seeded by (seed, epoch, rank, worker, pass)
     balance           -- optional class-balanced rejection sampling (off by default)
     decode            -- shards.decode_sample, shape check, normalise, multi-hot targets
     batch             -- (B, 1, n_mels, T) float32, (B, num_classes) float32, keys
@@ -34,9 +34,9 @@ import random
 import tarfile
 import weakref
 from dataclasses import dataclass
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -184,18 +184,39 @@ def derive_seed(*parts: int) -> int:
     return hash(tuple(int(p) for p in parts)) & 0x7FFFFFFFFFFFFFFF
 
 
-class ResampledShardList(torch.utils.data.IterableDataset):
-    """Infinite stream of ``{"url": ...}`` drawn with replacement, seeded by (seed, epoch, rank, worker)."""
+class ShardPasses(torch.utils.data.IterableDataset):
+    """Infinite stream of training samples: passes over the shard list, each pass a fresh seeded
+    permutation of all shards, shared by every rank and worker (seeded by (seed, epoch, pass)).
 
-    def __init__(self, urls: tuple[str, ...], seed: int, epoch: int, rank: int):
+    The concatenated passes are dealt round-robin to the ``world_size x workers`` consumers, so
+    within a pass no two consumers read the same shard, and each consumer shuffles its part of a
+    pass through its buffer and drains the buffer at the pass end. One consumer therefore trains
+    on every clip exactly once per pass; many consumers on every clip once per pass when the shard
+    count is a multiple of theirs (and within a shard of it otherwise). Drawing shards with
+    replacement instead (open_clip's resampled shards) leaves a third of a 5-shard set out of
+    each epoch and repeats another third: fine for AudioSet's thousands of shards, not for a
+    few hundred clips (docs/finetune.md).
+    """
+
+    def __init__(self, urls: tuple[str, ...], *, seed: int, epoch: int, rank: int, world_size: int,
+                 buffer: int, initial: int, handler: Callable[[Exception], bool]):
         super().__init__()
-        self.urls, self.seed, self.epoch, self.rank = urls, seed, epoch, rank
+        self.urls, self.seed, self.epoch, self.rank, self.world_size = urls, seed, epoch, rank, world_size
+        self.buffer, self.initial, self.handler = buffer, initial, handler
 
     def __iter__(self) -> Iterator[dict]:
-        worker, _ = _worker()
-        rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 1))
-        while True:
-            yield {"url": self.urls[rng.randrange(len(self.urls))]}
+        worker, workers = _worker()
+        consumers, me = self.world_size * workers, self.rank * workers + worker
+        n = len(self.urls)
+        for k in count():
+            order = np.random.default_rng(derive_seed(self.seed, self.epoch, k, 1)).permutation(n)
+            # positions k*n + i of the concatenated passes, dealt round-robin to the consumers
+            mine = [{"url": self.urls[order[i]]} for i in range(n) if (k * n + i) % consumers == me]
+            if not mine:
+                continue
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 2, k))
+            samples = wds.tarfile_to_samples(handler=self.handler)(iter(mine))
+            yield from wds.filters._shuffle(samples, self.buffer, self.initial, rng)
 
 
 class ShardUrls(torch.utils.data.IterableDataset):
@@ -207,15 +228,6 @@ class ShardUrls(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         return iter([{"url": u} for u in self.urls])
-
-
-def _shuffle_stage(bufsize: int, initial: int, seed: int, epoch: int, rank: int):
-    def stage(src):
-        worker, _ = _worker()
-        rng = random.Random(derive_seed(seed, epoch, rank, worker, 2))
-        return wds.filters._shuffle(src, bufsize, initial, rng)
-
-    return stage
 
 
 def _balance_stage(weights: np.ndarray, power: float, seed: int, epoch: int, rank: int):
@@ -377,9 +389,8 @@ def build_train_loader(
     w = max(1, workers)
     counter = CorruptCounter()
     stages: list[Any] = [
-        ResampledShardList(shards.urls, seed, epoch, rank),
-        wds.tarfile_to_samples(handler=counter),
-        _shuffle_stage(cfg.shuffle_buffer, cfg.shuffle_initial, seed, epoch, rank),
+        ShardPasses(shards.urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                    buffer=cfg.shuffle_buffer, initial=cfg.shuffle_initial, handler=counter),
     ]
     if cfg.class_balanced:
         freq = count_labels(shards)
