@@ -23,8 +23,10 @@ split the runs between them), and the table is printed at the end. Runs (``--run
 - ``recipe``: configs/finetune.yaml as it is now (from scratch); ``recipe-source``: the same from
   the source model; ``recipe-source-head1``: from the source without the head's lr scale;
   ``recipe-source-ld``: with layer decay 0.75; ``recipe-lr2e-3-head1[-source]``: the recipe at
-  lr 2e-3 and the head at 1x; ``recipe[-source]-seed1``: another seed (the noise); ``recipe-10s``: the recipe on 10 s shards (the
-  5 s clips padded, as a default build makes them); ``tiny``: configs/tiny.yaml's single-label use.
+  lr 2e-3 and the head at 1x; ``recipe-head1``: the head at 1x; ``recipe-noroll``: no time roll;
+  ``recipe[-source]-seed1``: another seed (the noise); ``recipe-10s``: the recipe on 10 s shards
+  (the 5 s clips padded, as a default build makes them); ``tiny``: configs/tiny.yaml's
+  single-label use.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ RUNS: dict[str, list[str]] = {
     "recipe-source-head1": ["@source", "optim.head_lr_scale=1"],
     "recipe-source-ld": ["@source", "optim.layer_decay=0.75"],
     "recipe-lr2e-3-head1": ["optim.lr=2e-3", "optim.head_lr_scale=1"],
+    "recipe-noroll": ["augment.time_roll=false"],
+    "recipe-head1": ["optim.head_lr_scale=1"],
     "recipe-seed1": ["train.seed=1"],
     "recipe-source-seed1": ["@source", "train.seed=1"],
     "recipe-lr2e-3-head1-source": ["@source", "optim.lr=2e-3", "optim.head_lr_scale=1"],
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source-data", type=Path, default=None, help="another real_clips.py set for the source model")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--source-epochs", type=int, default=6)
+    p.add_argument("--source-epochs", type=int, default=15)
     p.add_argument("--n-mels", type=int, default=64)
     p.add_argument("--runs", nargs="*", default=["plain", *RUNS],
                    help="run names; NAME@seedK repeats run NAME with seed K")
