@@ -121,3 +121,30 @@ def test_a_folder_planned_by_the_older_builder(tiny_build):
     assert json.loads(plan_path.read_text())["format"] == PLAN_FORMAT
     assert read_manifest(opts.out) == manifest
     assert merge_shards(opts.out) == manifest
+
+
+def test_a_killed_worker_is_a_one_line_build_error(tmp_path):
+    """A worker killed mid-build (the OOM killer, a decoder crash): BuildError naming the cause and
+    the resume, whether the pool breaks under a pending result or under the next submit."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    from audioset_dcls.shards.worker import run_clips
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, 0.1 * np.random.default_rng(0).standard_normal(32000).astype(np.float32), 32000)
+    tasks = [ClipTask(key=f"x{i}_0", ref=ClipRef.file(wav), labels=(0,), ytid=f"x{i}", start=0.0, end=1.0)
+             for i in range(64)]
+    for wait in (0.0, 3.0):  # 3 s: the clips in flight are done, so the next submit() breaks
+        results = run_clips(iter(tasks), CFG, workers=1, clips_per_task=1)
+        assert next(results).kind == "ok"
+        time.sleep(wait)
+        children = mp.active_children()
+        assert children, "the pool's worker is a child of this process"
+        for child in children:
+            os.kill(child.pid, signal.SIGKILL)
+        time.sleep(1.0)  # the pool notices the death
+        with pytest.raises(BuildError, match=r"a worker process died .* re-run the same command to resume"):
+            list(results)

@@ -171,19 +171,20 @@ def run_clips(tasks: Iterable[ClipTask], cfg: FeatureConfig, workers: int, clips
     window = 4 * workers  # batches in flight: bounded memory, workers never idle
     with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
                              initargs=(cfg.to_dict(), encoding.to_dict())) as pool:
-        pending = deque(pool.submit(_process_batch, b) for b in _take(batches, window))
+        pending: deque = deque()
         try:
+            # submit() raises too once a worker has died: both are the same one-line error
+            pending.extend(pool.submit(_process_batch, b) for b in _take(batches, window))
             while pending:
-                try:
-                    results = pending.popleft().result()
-                except BrokenProcessPool:
-                    raise BuildError(
-                        "a worker process died (out of memory, or a decoder crashed on a file); "
-                        "finished shards are kept: re-run the same command to resume"
-                    ) from None
+                results = pending.popleft().result()
                 for b in _take(batches, 1):
                     pending.append(pool.submit(_process_batch, b))
                 yield from results
+        except BrokenProcessPool:
+            raise BuildError(
+                "a worker process died (out of memory, or a decoder crashed on a file); "
+                "finished shards are kept: re-run the same command to resume"
+            ) from None
         finally:
             for fut in pending:
                 fut.cancel()
