@@ -115,7 +115,7 @@ def test_fine_tune_from_a_source_beats_the_same_recipe_from_scratch(tmp_path_fac
     src_train, src_eval = session_shards(tmp_path_factory, 2.0)
     source = tmp_path / "source"
     check(run_train("single", ["--config", "configs/tiny.yaml", f"data.train={src_train}", f"data.eval={src_eval}",
-                               f"train.output_dir={source}", "schedule.epochs=4", "eval.every_epochs=4",
+                               f"train.output_dir={source}", "schedule.epochs=8", "eval.every_epochs=8",
                                "train.progress_bar=false", "train.tracker=none"], threads=1))
     train_dir, eval_dir = own_shards(tmp_path_factory)
     common = ["--config", "configs/finetune.yaml", "model.name=convnext_atto", f"data.train={train_dir}",
