@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..features import REFERENCE_NORMALIZATION
 from ..files import write_json
 from .format import MANIFEST_NAME, SIZES_NAME, LogmelEncoding
-from .manifest import SKIPPED_NAME, finalize, merge_shards, name_ranges, remove_manifest
+from .manifest import SKIPPED_NAME, finalize, merge_shards, name_ranges, remove_manifest, short_clips_warning
 from .plan import (
     BuildError,
     BuildOptions,
@@ -185,5 +185,6 @@ def format_summary(result: BuildResult, opts: BuildOptions | None = None) -> str
     if d["mean"] is not None:
         lines.append(f"durations {d['min']:.2f}-{d['max']:.2f} s (mean {d['mean']:.2f}); "
                      f"{d['padded']} zero-padded, {d['trimmed']} trimmed to {m['feature_config']['clip_seconds']:g} s")
+        lines += short_clips_warning(m)
     lines.append(f"manifest: {r.out / MANIFEST_NAME}; sizes: {r.out / SIZES_NAME}")
     return "\n".join(lines)

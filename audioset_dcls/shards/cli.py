@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..audio.containers import MissingExtra
+from ..features import FeatureConfig
 from ..labels import LabelError
 from .build import (
     SKIPPED_NAME,
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", metavar="PATTERN",
                    help="file name under --audio-dir instead of searching, e.g. 'Y{ytid}.wav' or "
                         "'{ytid}_{start_ms}_{end_ms}.m4a' (fields: ytid start end start_s end_s start_ms end_ms)")
+    p.add_argument("--clip-seconds", type=_positive_seconds, default=FeatureConfig.clip_seconds, metavar="S",
+                   help="length every clip is padded or trimmed to (default 10, AudioSet's; 5 for ESC-50's "
+                        "5 s clips: padding short clips with silence trains far worse, docs/finetune.md)")
     p.add_argument("--encoding", choices=("uint8", "float16"), default="uint8",
                    help="how log-mels are stored: uint8 (default; 0.625 dB steps + zstd, ~75 kB per 10 s clip, "
                         "at most 0.3125 dB off) or float16 (~256 kB per clip)")
@@ -113,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only write the manifest of --out from the shards of all --part jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a clip length in seconds (0 < S <= 3600)")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=args.split, workers=args.workers, shard_size=args.shard_size, part=args.part,
             seed=args.seed, shuffle=not args.no_shuffle, pattern=args.pattern,
             unknown_mids=args.unknown_mids, verify=not args.no_verify, progress=not args.no_progress,
-            encoding=args.encoding,
+            encoding=args.encoding, feature_config=FeatureConfig(clip_seconds=args.clip_seconds),
         )
         keep_freed_memory()  # this process unpickles and writes every sample (or, with --workers 0, makes them)
         result = build_shards(opts)

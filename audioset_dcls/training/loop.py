@@ -77,6 +77,7 @@ from ..hub.references import (
     resolve_reference_on_main_first,
 )
 from ..preemption import StopSignals, agree_to_stop, parse_stop_signals
+from ..shards.manifest import short_clips_warning
 from . import distill as kd
 from .checkpointing import (
     export_model,
@@ -283,6 +284,8 @@ def log_plan(state: TrainState) -> None:
     log.info(f"model {cfg.model.name}: {n_params:,} parameters{trained}, {t.num_classes} classes, {state.task}; "
              f"train {t.num_samples} clips in {len(t.urls)} shards"
              + (f", eval {e.num_samples} clips" if e else ", no eval set"))
+    for line in short_clips_warning(t.manifest):
+        log.warning(f"{t.root}: {line}")
     log.info(f"{state.accelerator.num_processes} process(es) x batch {cfg.data.batch_size} x accumulation "
              f"{state.accum} = {cfg.optim.batch_size} clips/step; {state.per_rank_batches // state.accum} steps/epoch, "
              f"{state.total_steps} steps, warmup {state.warmup_steps}; normalisation mean {state.norm.mean} std "
