@@ -25,7 +25,8 @@ split the runs between them), and the table is printed at the end. Runs (``--run
   ``recipe-source-ld``: with layer decay 0.75; ``recipe-lr2e-3-head1[-source]``: the recipe at
   lr 2e-3 and the head at 1x; ``recipe-head1``: the head at 1x; ``recipe-noroll``: no time roll;
   ``recipe[-source]-seed1``: another seed (the noise); ``recipe-10s``: the recipe on 10 s shards
-  (the 5 s clips padded, as a default build makes them); ``tiny``: configs/tiny.yaml's
+  (the 5 s clips padded, as a default build makes them), ``-noroll`` and ``-lr2e-3-head1`` of it,
+  and ``plain-10s``, the plain loop on them; ``tiny``: configs/tiny.yaml's
   single-label use.
 """
 
@@ -80,6 +81,8 @@ RUNS: dict[str, list[str]] = {
     "recipe-source-seed1": ["@source", "train.seed=1"],
     "recipe-lr2e-3-head1-source": ["@source", "optim.lr=2e-3", "optim.head_lr_scale=1"],
     "recipe-10s": ["@10s"],
+    "recipe-10s-noroll": ["@10s", "augment.time_roll=false"],
+    "recipe-10s-lr2e-3-head1": ["@10s", "optim.lr=2e-3", "optim.head_lr_scale=1"],
     "tiny": ["@tiny"],
 }
 
@@ -196,7 +199,7 @@ def prepare(a) -> dict[str, Path]:
     folds = sorted((a.data / "folds").glob("fold*.csv"))
     shards = {"5s_train": build(a.work / "shards5" / "train", folds[:-1], f5)}
     shards["5s_eval"] = build(a.work / "shards5" / "eval", folds[-1:], f5, shards["5s_train"])
-    if any(n == "recipe-10s" for n in a.runs):
+    if any("10s" in n for n in a.runs):
         shards["10s_train"] = build(a.work / "shards10" / "train", folds[:-1], f10)
         shards["10s_eval"] = build(a.work / "shards10" / "eval", folds[-1:], f10, shards["10s_train"])
     if a.source_data and any("source" in n for n in a.runs):
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--source-epochs", type=int, default=15)
     p.add_argument("--n-mels", type=int, default=64)
-    p.add_argument("--runs", nargs="*", default=["plain", *RUNS],
+    p.add_argument("--runs", nargs="*", default=["plain", "plain-10s", *RUNS],
                    help="run names; NAME@seedK repeats run NAME with seed K")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -233,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         t0 = time.perf_counter()
         base, _, seed = name.partition("@seed")  # NAME@seedK: run NAME with seed K (noise between seeds)
-        if base == "plain":
-            r = plain_loop(shards["5s_train"], shards["5s_eval"], a.epochs, seed=int(seed or 0))
+        if base in ("plain", "plain-10s"):
+            data = "10s" if base.endswith("10s") else "5s"
+            r = plain_loop(shards[f"{data}_train"], shards[f"{data}_eval"], a.epochs, seed=int(seed or 0))
         else:
             extra = RUNS[base] + ([f"train.seed={seed}"] if seed else [])
             r = trainer_run(name, extra, a, shards, a.work / "runs" / name)
