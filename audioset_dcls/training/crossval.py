@@ -41,6 +41,8 @@ from typing import Any
 from ..config import ConfigError, load_config, to_yaml
 from ..features import FeatureConfig
 from ..files import write_text
+from ..shards.format import read_manifest
+from ..shards.manifest import short_clips_warning
 
 __all__ = ["FoldSet", "read_folds", "run_crossval", "summarize_folds", "main"]
 
@@ -218,6 +220,8 @@ def run_crossval(a: argparse.Namespace) -> dict[str, Any]:
         result = fold_result(run)
         if result is None:
             train_dir, eval_dir = build_fold_shards(lists, k, fold_dir, out / "classes.txt", features, a.workers)
+            for line in short_clips_warning(read_manifest(train_dir)):  # --clip-seconds, same name here
+                print(f"{name}: {line}", file=sys.stderr, flush=True)
             cfg = load_config(a.config, [*a.overrides, f"data.train={train_dir}", f"data.eval={eval_dir}",
                                          f"train.output_dir={run}", "train.resume=auto"])
             write_text(fold_dir / "config.yaml", to_yaml(cfg))
