@@ -230,9 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     shards = prepare(a)
     results = a.work / "results.jsonl"
+    def done() -> set[str]:
+        return {json.loads(line)["run"] for line in results.read_text().splitlines()} if results.is_file() else set()
+
     for name in a.runs:
-        done = {json.loads(line)["run"] for line in results.read_text().splitlines()} if results.is_file() else set()
-        if name in done or not claim(a.work / "runs" / name):
+        # done() again after claim(): another process may have recorded the run in between
+        if name in done() or not claim(a.work / "runs" / name) or name in done():
             continue
         t0 = time.perf_counter()
         base, _, seed = name.partition("@seed")  # NAME@seedK: run NAME with seed K (noise between seeds)
