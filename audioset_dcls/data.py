@@ -5,7 +5,8 @@ exactly the stream it left)::
 
     shard passes      -- passes over the shards, each a permutation seeded by (seed, epoch,
                          pass) and dealt round-robin to every rank's workers (split_by_node and
-                         split_by_worker for an endless stream); corrupt tars and members are
+                         split_by_worker for an endless stream; clip by clip when the shards
+                         are fewer than the workers); corrupt tars and members are
                          logged and counted, not fatal; each worker shuffles its part of a pass
                          in a buffer seeded by (seed, epoch, rank, worker, pass)
     balance           -- optional class-balanced rejection sampling (off by default)
@@ -188,14 +189,16 @@ class ShardPasses(torch.utils.data.IterableDataset):
     """Infinite stream of training samples: passes over the shard list, each pass a fresh seeded
     permutation of all shards, shared by every rank and worker (seeded by (seed, epoch, pass)).
 
-    The concatenated passes are dealt round-robin to the ``world_size x workers`` consumers, so
-    within a pass no two consumers read the same shard, and each consumer shuffles its part of a
-    pass through its buffer and drains the buffer at the pass end. One consumer therefore trains
-    on every clip exactly once per pass; many consumers on every clip once per pass when the shard
-    count is a multiple of theirs (and within a shard of it otherwise). Drawing shards with
-    replacement instead (open_clip's resampled shards) leaves a third of a 5-shard set out of
-    each epoch and repeats another third: fine for AudioSet's thousands of shards, not for a
-    few hundred clips (docs/finetune.md).
+    With at least as many shards as ``world_size x workers`` consumers, the concatenated passes
+    are dealt to the consumers shard by shard (round-robin), so within a pass no two consumers
+    read the same shard. With fewer shards (a small set: 1,600 clips are two 1,000-clip shards,
+    against 4 loader workers) every consumer reads the whole pass and keeps every
+    ``consumers``-th sample. Each consumer shuffles its part of a pass through its buffer and
+    drains the buffer at the pass end. So an epoch trains on every clip exactly once, whatever
+    the consumer count, when the shards are fewer than the consumers or a multiple of them, and
+    within a shard of it otherwise. Drawing shards with replacement instead (open_clip's resampled
+    shards) leaves a third of a 5-shard set out of each epoch and repeats another third: fine for
+    AudioSet's thousands of shards, not for a few hundred clips (docs/finetune.md).
     """
 
     def __init__(self, urls: tuple[str, ...], *, seed: int, epoch: int, rank: int, world_size: int,
@@ -210,12 +213,16 @@ class ShardPasses(torch.utils.data.IterableDataset):
         n = len(self.urls)
         for k in count():
             order = np.random.default_rng(derive_seed(self.seed, self.epoch, k, 1)).permutation(n)
-            # positions k*n + i of the concatenated passes, dealt round-robin to the consumers
-            mine = [{"url": self.urls[order[i]]} for i in range(n) if (k * n + i) % consumers == me]
+            if n >= consumers:  # positions k*n + i of the concatenated passes, dealt round-robin
+                mine = [{"url": self.urls[order[i]]} for i in range(n) if (k * n + i) % consumers == me]
+            else:  # every shard, and below only this consumer's samples of them
+                mine = [{"url": self.urls[i]} for i in order]
             if not mine:
                 continue
-            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 2, k))
             samples = wds.tarfile_to_samples(handler=self.handler)(iter(mine))
+            if n < consumers:
+                samples = islice(samples, me, None, consumers)
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 2, k))
             yield from wds.filters._shuffle(samples, self.buffer, self.initial, rng)
 
 

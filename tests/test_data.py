@@ -106,23 +106,26 @@ def test_train_stream_is_reproducible_per_epoch_and_resumes_mid_epoch(shards):
 
 
 def test_an_epoch_trains_on_every_clip_once_over_ranks_and_workers(tmp_path):
-    """A small set (8 shards of 6 clips): each epoch is a pass over the shards dealt to all ranks
-    and workers, not shards drawn with replacement (which leaves ~1/3 of them out of an epoch)."""
+    """A small set: each epoch is a pass over the shards dealt to all ranks and workers (8 shards
+    of 6 clips), or split clip by clip when the shards are fewer than the ranks x workers (2 of
+    24), not shards drawn with replacement (which leaves ~1/3 of them out of an epoch)."""
     features = FeatureConfig(clip_seconds=2.0, n_mels=16)  # the synthesiser needs 2 s
-    d = write_direct_shards(tmp_path / "small", "train", 48, seed=4, features=features, per_shard=6)
-    s = open_shard_set(d, "data.train")
-    for world, workers in [(1, 0), (1, 2), (2, 2)]:
-        cfg = DataConfig(batch_size=3, num_workers=workers, shuffle_buffer=20, shuffle_initial=5)
-        epochs = []
-        for epoch in (0, 1):
-            keys = []
-            for rank in range(world):
-                it, _ = build_train_loader(s, cfg, Normalization(), epoch=epoch, seed=1, rank=rank,
-                                           world_size=world, accum=1)
-                keys += [k for b in it for k in b["keys"]]
-            assert len(keys) == len(set(keys)) == 48, (world, workers, epoch)
-            epochs.append(keys)
-        assert epochs[0] != epochs[1]  # each epoch a new order
+    for per_shard in (6, 24):
+        d = write_direct_shards(tmp_path / f"small{per_shard}", "train", 48, seed=4, features=features,
+                                per_shard=per_shard)
+        s = open_shard_set(d, "data.train")
+        for world, workers in [(1, 0), (1, 2), (2, 2)]:
+            cfg = DataConfig(batch_size=3, num_workers=workers, shuffle_buffer=20, shuffle_initial=5)
+            epochs = []
+            for epoch in (0, 1):
+                keys = []
+                for rank in range(world):
+                    it, _ = build_train_loader(s, cfg, Normalization(), epoch=epoch, seed=1, rank=rank,
+                                               world_size=world, accum=1)
+                    keys += [k for b in it for k in b["keys"]]
+                assert len(keys) == len(set(keys)) == 48, (per_shard, world, workers, epoch)
+                epochs.append(keys)
+            assert epochs[0] != epochs[1]  # each epoch a new order
 
 
 def test_a_rank_that_fails_mid_epoch_exits_instead_of_waiting_on_its_workers(shards):
