@@ -185,6 +185,10 @@ def derive_seed(*parts: int) -> int:
     return hash(tuple(int(p) for p in parts)) & 0x7FFFFFFFFFFFFFFF
 
 
+def _skip_quietly(exn: Exception) -> bool:
+    return True
+
+
 class ShardPasses(torch.utils.data.IterableDataset):
     """Infinite stream of training samples: passes over the shard list, each pass a fresh seeded
     permutation of all shards, shared by every rank and worker (seeded by (seed, epoch, pass)).
@@ -219,7 +223,9 @@ class ShardPasses(torch.utils.data.IterableDataset):
                 mine = [{"url": self.urls[i]} for i in order]
             if not mine:
                 continue
-            samples = wds.tarfile_to_samples(handler=self.handler)(iter(mine))
+            # every consumer meets a damaged member of a shard all of them read: one of them reports it
+            handler = self.handler if n >= consumers or me == 0 else _skip_quietly
+            samples = wds.tarfile_to_samples(handler=handler)(iter(mine))
             if n < consumers:
                 samples = islice(samples, me, None, consumers)
             rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, 2, k))
