@@ -41,13 +41,15 @@ from typing import Any
 from ..config import ConfigError, load_config, to_yaml
 from ..features import FeatureConfig
 from ..files import write_text
+from ..labels import LabelError
+from ..shards.sources import LabelledRow, read_clip_lists
+from ..shards.sources import read_class_folders as read_class_folders_rows
 from ..shards.format import read_manifest
 from ..shards.manifest import short_clips_warning
 
 __all__ = ["FoldSet", "read_folds", "run_crossval", "summarize_folds", "main"]
 
 METRICS = ("accuracy", "top5", "mAP")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aac", ".aiff", ".aif")
 
 
 class CrossvalError(ValueError):
@@ -76,16 +78,17 @@ def _absolute(p: str, root: Path) -> str:
     return str(Path(p) if Path(p).is_absolute() else (root / p).resolve())
 
 
+def _row(r: LabelledRow) -> tuple[str, str, str, str]:
+    """A row of the builder's readers as ``(absolute path, labels, start, end)``."""
+    whole = r.start == 0 and r.end is None
+    return (str(Path(r.path).resolve()), ";".join(r.names), "" if whole else f"{r.start:g}",
+            "" if r.end is None else f"{r.end:g}")
+
+
 def read_fold_lists(paths: list[Path]) -> FoldSet:
-    """One ``path,labels[,start,end]`` CSV per fold (paths relative to the CSV's folder)."""
-    rows = []
-    for path in paths:
-        table = _read_csv(path)
-        if table and not {"path", "labels"} <= set(table[0]):
-            raise CrossvalError(f"{path}: needs the columns path,labels")
-        rows.append(tuple((_absolute(r["path"], path.parent), r["labels"], r.get("start") or "", r.get("end") or "")
-                          for r in table))
-    return FoldSet(tuple(p.stem for p in paths), tuple(rows))
+    """One ``path,labels[,start,end]`` CSV per fold (paths relative to the CSV's folder), read by
+    the shard builder's ``--list`` reader (its checks and one-line errors)."""
+    return FoldSet(tuple(p.stem for p in paths), tuple(tuple(map(_row, read_clip_lists([p]))) for p in paths))
 
 
 def read_fold_column(path: Path, fold_column: str, path_column: str, label_column: str,
@@ -104,13 +107,12 @@ def read_fold_column(path: Path, fold_column: str, path_column: str, label_colum
 
 
 def read_class_folders(root: Path, k: int) -> FoldSet:
-    """One folder per class; each file goes to fold ``sha1(its path under root) % k``."""
+    """One folder per class (the shard builder's ``--class-folders`` reader); each file goes to
+    fold ``sha1(its path under root) % k``."""
     rows: list[list[tuple[str, str, str, str]]] = [[] for _ in range(k)]
-    for cls in sorted(d for d in root.iterdir() if d.is_dir()):
-        for f in sorted(cls.rglob("*")):
-            if f.suffix.lower() in AUDIO_EXTENSIONS:
-                rel = str(f.relative_to(root))
-                rows[int(hashlib.sha1(rel.encode()).hexdigest(), 16) % k].append((str(f.resolve()), cls.name, "", ""))
+    for r in read_class_folders_rows(root):
+        rel = Path(r.path).relative_to(root).as_posix()
+        rows[int(hashlib.sha1(rel.encode()).hexdigest(), 16) % k].append(_row(r))
     return FoldSet(tuple(f"fold{i + 1}" for i in range(k)), tuple(tuple(r) for r in rows))
 
 
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --out and one of --folds, --list or --class-folders")
     try:
         report = run_crossval(a)
-    except (CrossvalError, ConfigError) as err:
+    except (CrossvalError, ConfigError, LabelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(table(report["folds"], report), end="")
