@@ -50,7 +50,7 @@ from .build import (
 from .format import MANIFEST_NAME
 from .worker import keep_freed_memory
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "clip_seconds_arg", "main"]
 
 
 def _parse_part(text: str) -> tuple[int, int]:
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", metavar="PATTERN",
                    help="file name under --audio-dir instead of searching, e.g. 'Y{ytid}.wav' or "
                         "'{ytid}_{start_ms}_{end_ms}.m4a' (fields: ytid start end start_s end_s start_ms end_ms)")
-    p.add_argument("--clip-seconds", type=_positive_seconds, default=FeatureConfig.clip_seconds, metavar="S",
+    p.add_argument("--clip-seconds", type=clip_seconds_arg, default=FeatureConfig.clip_seconds, metavar="S",
                    help="length every clip is padded or trimmed to (default 10, AudioSet's; 5 for ESC-50's "
                         "5 s clips: padding short clips with silence trains far worse, docs/finetune.md)")
     p.add_argument("--encoding", choices=("uint8", "float16"), default="uint8",
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_seconds(text: str) -> float:
+def clip_seconds_arg(text: str) -> float:
     try:
         value = float(text)
     except ValueError:

@@ -44,6 +44,7 @@ from ..files import write_text
 from ..labels import LabelError
 from ..shards.sources import LabelledRow, read_clip_lists
 from ..shards.sources import read_class_folders as read_class_folders_rows
+from ..shards.cli import clip_seconds_arg
 from ..shards.format import read_manifest
 from ..shards.manifest import short_clips_warning
 
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5, help="folds for --class-folders")
     p.add_argument("--out", type=Path, help="work and result folder (rerun the same command to resume)")
     p.add_argument("--config", default="configs/finetune.yaml", help="training config of every fold")
-    p.add_argument("--clip-seconds", type=float, default=FeatureConfig.clip_seconds, help="front-end clip length")
+    p.add_argument("--clip-seconds", type=clip_seconds_arg, default=FeatureConfig.clip_seconds, metavar="S",
+                   help="length every clip is padded or trimmed to, as build_shards --clip-seconds")
     p.add_argument("--workers", type=int, default=2, help="shard-builder processes")
     p.add_argument("--launcher", default="", help='runs each fold, e.g. "accelerate launch --num_processes 2"')
     p.add_argument("--train-fold", type=Path, help=argparse.SUPPRESS)
